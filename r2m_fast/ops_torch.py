@@ -95,7 +95,8 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
 def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
     """R⁻¹ with Rᵀ R = gram + shift·I, batched, float64."""
     s = gram.shape[-1]
-    scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    # The floor keeps R⁻¹ representable in fp32 for an all-zero sketch (R⁻¹·0 = 0, not inf·0 = NaN).
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
     # Shift of Fukaya et al. (shifted CholeskyQR) sized for fp32 columns; relative to the trace.
     shift = (1e-7 * scale)[:, None, None] * torch.eye(s, dtype=gram.dtype, device=gram.device)
     r = torch.linalg.cholesky(gram + shift, upper=True)
