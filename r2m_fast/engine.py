@@ -1,0 +1,363 @@
+"""The fast merge: three streaming passes over the layers around a tiny N×N solve.
+
+Pass 1 reads every layer once and keeps its Gram Gˡ = Aˡ Aˡᵀ and, for truncated layers, the
+sketches Zⱼ = τⱼ Ω. The Real subspace and every layer's core coefficients w come from the Grams
+alone. Pass 2 factors each truncated residual Fᵢ = τᵢ − Σⱼ wⱼ τⱼ with a seeded randomized range
+finder started from Yᵢ = Zᵢ − Σⱼ wⱼ Zⱼ (linearity: no pass to sketch residuals). The residual norms
+nᵢ are only known once every layer is factored, so pass 3 writes the output:
+θ* = θ₀ + Σⱼ aⱼ τⱼ + Σᵢ sᵢ Lᵢ Rᵢᵀ. A layer of N+1 models is the unit of memory.
+
+The layer operations come from a backend (r2m_fast.backends); everything here is small tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+
+import torch
+
+from r2m_fast.backends import Backend, resolve_backend
+from r2m_fast.config import R2MConfig
+from r2m_fast.plan import (
+    COPY, DECOMPOSED, HEAD, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
+    check_compatible, check_finite,
+)
+from r2m_fast.result import MergeResult
+
+Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+Sink = Callable[[str, torch.Tensor], None]
+
+# Same rule as the reference: eigenvalues under this fraction of the largest are zero.
+EIGEN_RTOL = 1e-12
+# Relative gap under which λ_k and λ_{k+1} are a tie and the Real subspace is ambiguous.
+TIE_RTOL = 1e-6
+
+
+class LayerSource(Protocol):
+    """Where a merge reads its models from, one parameter of all N+1 models at a time."""
+
+    device: torch.device
+    labels: list[str]  # "base", then one label per specialist, for error messages
+
+    def specs(self) -> Specs:
+        """Name → (shape, dtype) of the base, in merge order; specialists already checked against it."""
+
+    def load(self, name: str) -> list[torch.Tensor]:
+        """[θ₀, θ₁, …, θ_N] of one parameter on `device`."""
+
+
+class DictSource:
+    """A LayerSource over in-memory state dicts (or modules)."""
+
+    def __init__(self, base: ModelLike, specialists: Sequence[ModelLike], device: Optional[torch.device] = None):
+        self.labels = ["base"] + [f"specialists[{i}]" for i in range(len(specialists))]
+        self._models = [as_state_dict(base, "base")] + [
+            as_state_dict(s, label) for s, label in zip(specialists, self.labels[1:])
+        ]
+        specs = [{k: (tuple(v.shape), v.dtype) for k, v in sd.items()} for sd in self._models]
+        check_compatible(list(specs[0]), specs[0], specs[1:], self.labels[1:])
+        self._specs = specs[0]
+        first = next(iter(self._models[0].values()), None)
+        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+
+    def specs(self) -> Specs:
+        return self._specs
+
+    def load(self, name: str) -> list[torch.Tensor]:
+        return [sd[name].to(self.device) for sd in self._models]
+
+
+@dataclass
+class RealSubspace:
+    """Result of the N×N solve (DESIGN §1 step 1)."""
+
+    eigenvalues: list[float]
+    k: int                                    # directions kept (≤ k_real; fewer when C is degenerate)
+    coeffs: dict[str, torch.Tensor]           # per merged layer: w with τ_coreˡ = Σⱼ wⱼ τⱼˡ (fp64, CPU)
+    core_norm: float
+
+
+@dataclass
+class ResidualFactors:
+    """Rank-r factors of a layer's N truncated residuals: F̃ᵢ = Lᵢ Rᵢᵀ, ‖F̃ᵢ‖² = kept_sq[i]."""
+
+    left: torch.Tensor     # (N, m, r) fp32 = Qᵢ U_r S_r
+    right: torch.Tensor    # (N, n, r) fp32 = V_r
+    kept_sq: torch.Tensor  # (N,) fp64 on CPU
+
+
+@dataclass
+class MergeState:
+    """What the passes produce and later passes (or an incremental re-merge) reuse."""
+
+    plan: list[LayerPlan]
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)     # (N, N) fp64, CPU
+    sketches: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, m, s) fp32, compute device
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Seed of one layer's test matrix: depends on the merge seed and the name only, so any order of
+    processing (or any rank of a distributed merge) draws the same Ω."""
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
+
+
+def sketch_width(layer: LayerPlan, oversample: int) -> int:
+    return min(layer.rank + oversample, min(layer.matrix))
+
+
+def test_matrix(layer: LayerPlan, config: R2MConfig, device: torch.device) -> torch.Tensor:
+    """Ω (n, s), standard Gaussian, fp32, seeded per layer."""
+    generator = torch.Generator(device=device).manual_seed(layer_seed(config.seed, layer.name))
+    n, s = layer.matrix[1], sketch_width(layer, config.oversample)
+    return torch.randn(n, s, generator=generator, device=device, dtype=torch.float32)
+
+
+def _matrices(tensors: Sequence[torch.Tensor], layer: LayerPlan) -> list[torch.Tensor]:
+    return [t.reshape(layer.matrix) for t in tensors]
+
+
+def _progress(items: Sequence[LayerPlan], desc: str, enabled: bool) -> Iterable[LayerPlan]:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+def gram_pass(
+    source: LayerSource, state: MergeState, config: R2MConfig, ops, progress: bool = False
+) -> None:
+    """Pass 1: Grams of every merged layer, sketches of every truncated one."""
+    layers = [layer for layer in state.plan if layer.merged]
+    for layer in _progress(layers, "pass 1/3: Grams and sketches", progress):
+        weights = source.load(layer.name)
+        check_finite(layer.name, weights, source.labels)
+        omega = test_matrix(layer, config, source.device) if layer.rank is not None else None
+        gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
+        state.grams[layer.name] = gram.detach().to("cpu", torch.float64)
+        if sketch is not None:
+            state.sketches[layer.name] = sketch
+
+
+def solve_real_subspace(state: MergeState, config: R2MConfig, num_specialists: int) -> RealSubspace:
+    """Step 1 from the Grams alone: C = Σ_l γ_l Gˡ, its top-k eigenvectors, and w per layer."""
+    N = num_specialists
+    ones = torch.full((N,), 1.0 / N, dtype=torch.float64)
+    center = torch.eye(N, dtype=torch.float64) - 1.0 / N if config.center else torch.eye(N, dtype=torch.float64)
+    C = torch.zeros(N, N, dtype=torch.float64)
+    C_raw = torch.zeros(N, N, dtype=torch.float64)  # Σ γ H Gˡ H's uncentred twin, for a = H·C_raw·1/N
+    for layer in state.plan:
+        if layer.kind != DECOMPOSED:
+            continue
+        gram = center @ state.grams[layer.name] @ center
+        gamma = _block_weight(gram, layer.numel, config.block_norm)
+        C += gamma * gram
+        C_raw += gamma * state.grams[layer.name]
+    evals, U = torch.linalg.eigh(C)
+    evals, U = evals.flip(0), U.flip(1)
+    k = min(config.k_real, N)
+    lam_max = float(evals[0])
+    keep = evals[:k] > EIGEN_RTOL * lam_max if lam_max > 0 else torch.zeros(k, dtype=torch.bool)
+    U_k, lam_k = U[:, :k][:, keep], evals[:k][keep]
+    if k < N and bool(keep[-1]) and float(evals[k - 1] - evals[k]) <= TIE_RTOL * float(evals[k - 1]):
+        warnings.warn(
+            f"R²M: eigenvalues {k} and {k + 1} of the Real-subspace Gram tie ({float(evals[k - 1]):.6g} vs "
+            f"{float(evals[k]):.6g}); the Real component is ambiguous — consider k_real={k + 1}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if config.center:
+        # Projection of τ̄ on the span of the centred task matrix: w = H U_k Λ⁻¹ U_kᵀ H C 1/N.
+        w = center @ U_k @ ((U_k.T @ center @ C_raw @ ones) / lam_k)
+    else:
+        # Uncentred, Λ⁻¹ U_kᵀ C = U_kᵀ: w = U_k U_kᵀ 1/N, sign-free (DESIGN §1).
+        w = U_k @ (U_k.T @ ones)
+    beta = config.real_blend_beta
+    coeffs = {}
+    core_sq = 0.0
+    for layer in state.plan:
+        if layer.kind == DECOMPOSED:
+            coeffs[layer.name] = (1 - beta) * ones + beta * w
+        elif layer.kind == PASSTHROUGH:
+            coeffs[layer.name] = ones.clone()
+        else:
+            continue
+        c = coeffs[layer.name]
+        core_sq += float(c @ state.grams[layer.name] @ c)
+    return RealSubspace(evals.tolist(), int(U_k.shape[1]), coeffs, math.sqrt(max(core_sq, 0.0)))
+
+
+def _block_weight(gram: torch.Tensor, numel: int, block_norm: str) -> float:
+    fro = math.sqrt(max(float(torch.trace(gram)), 0.0))  # ‖Aˡ‖_F² = tr Gˡ
+    if block_norm == "none":
+        return 1.0
+    if fro == 0.0:
+        return 0.0
+    return (1.0 if block_norm == "fro" else math.sqrt(numel)) / fro
+
+
+def residual_operator(ops, weights: Sequence[torch.Tensor], core_coeffs: torch.Tensor):
+    """(rhs, transpose) ↦ Fᵢ·rhsᵢ or Fᵢᵀ·rhsᵢ; a backend may form the residuals once per layer."""
+    if hasattr(ops, "residual_operator"):
+        return ops.residual_operator(weights, core_coeffs)
+    return lambda rhs, transpose: ops.residual_matmul(weights, core_coeffs, rhs, transpose)
+
+
+def factorize_residuals(
+    ops, weights: Sequence[torch.Tensor], core_coeffs: torch.Tensor, sketch: torch.Tensor,
+    rank: int, power_iters: int,
+) -> ResidualFactors:
+    """Halko–Martinsson–Tropp range finder for all N residuals of one layer at once (DESIGN §3).
+
+    Yᵢ = Zᵢ − Σⱼ wⱼ Zⱼ is Fᵢ Ω by linearity. q power iterations, each half step re-orthonormalized
+    (fp32 subspace iteration loses the small directions otherwise). The s×s eigenproblem of BᵢBᵢᵀ
+    replaces the SVD of Bᵢ = QᵢᵀFᵢ: only the top r ≤ s values are kept, far from where squaring the
+    spectrum loses digits.
+    """
+    matmul = residual_operator(ops, weights, core_coeffs)
+    w = core_coeffs.to(sketch)
+    q = ops.orthonormalize(sketch - torch.einsum("j,jms->ms", w, sketch))
+    for _ in range(power_iters):
+        p = ops.orthonormalize(matmul(q, True))
+        q = ops.orthonormalize(matmul(p, False))
+    bt = matmul(q, True)  # (N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
+    small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # (N, s, s) = Bᵢ Bᵢᵀ
+    evals, evecs = torch.linalg.eigh(small)
+    evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
+    sigma = evals.clamp_min(0.0).sqrt()
+    left = torch.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
+    inv_sigma = torch.where(sigma > 0, 1.0 / torch.where(sigma > 0, sigma, 1.0), 0.0)
+    right = torch.matmul(bt, (evecs * inv_sigma[:, None, :]).to(bt.dtype))
+    return ResidualFactors(left, right, (sigma**2).sum(-1).cpu())
+
+
+def factor_pass(
+    source: LayerSource, state: MergeState, real: RealSubspace, config: R2MConfig, ops, progress: bool = False,
+) -> dict[str, ResidualFactors]:
+    """Pass 2: rank-r factors of every truncated layer's residuals."""
+    factors = {}
+    layers = [layer for layer in state.plan if layer.rank is not None and layer.kind == DECOMPOSED]
+    for layer in _progress(layers, "pass 2/3: residual factors", progress):
+        weights = _matrices(source.load(layer.name), layer)
+        coeffs = real.coeffs[layer.name].to(device=source.device, dtype=torch.float32)
+        factors[layer.name] = factorize_residuals(
+            ops, weights, coeffs, state.sketches[layer.name], layer.rank, config.effective_power_iters
+        )
+    return factors
+
+
+def residual_norms(state: MergeState, real: RealSubspace, factors: Mapping[str, ResidualFactors], N: int) -> torch.Tensor:
+    """nᵢ = ‖f̃ᵢ‖ over all merged parameters: kept σ² where truncated, cᵢᵀ Gˡ cᵢ (cᵢ = eᵢ − w) elsewhere."""
+    sq = torch.zeros(N, dtype=torch.float64)
+    eye = torch.eye(N, dtype=torch.float64)
+    for layer in state.plan:
+        if not layer.merged:
+            continue
+        if layer.name in factors:
+            sq += factors[layer.name].kept_sq
+        else:
+            c = eye - real.coeffs[layer.name][None, :]  # row i: eᵢ − w
+            sq += torch.einsum("ij,jk,ik->i", c, state.grams[layer.name], c)
+    return sq.clamp_min(0.0).sqrt()
+
+
+def residual_scales(norms: torch.Tensor, eta: float, residual_scale: str) -> torch.Tensor:
+    """sᵢ with θ* = θ₀ + τ_core + Σᵢ sᵢ f̃ᵢ: η/(N nᵢ) ("relative") or η m̄/(N nᵢ) ("kit"); 0 where nᵢ = 0."""
+    N = norms.shape[0]
+    target = float(norms.mean()) if residual_scale == "kit" else 1.0
+    safe = torch.where(norms > 0, norms, 1.0)
+    return torch.where(norms > 0, eta * target / (N * safe), 0.0)
+
+
+def accumulate_pass(
+    source: LayerSource, state: MergeState, real: RealSubspace, factors: Mapping[str, ResidualFactors],
+    scales: torch.Tensor, config: R2MConfig, ops, sink: Sink, progress: bool = False,
+) -> None:
+    """Pass 3: every output tensor, written once."""
+    N = scales.shape[0]
+    for layer in _progress(state.plan, "pass 3/3: merged weights", progress):
+        tensors = source.load(layer.name)
+        if layer.kind == COPY:
+            sink(layer.name, tensors[0].clone())
+            continue
+        left = right = None
+        if layer.kind == HEAD:
+            coeffs = torch.full((N,), 1.0 / N, dtype=torch.float64)
+        elif layer.name in factors:
+            coeffs = real.coeffs[layer.name]
+            f = factors[layer.name]
+            scaled = f.left * scales.to(f.left)[:, None, None]
+            left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
+            right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
+        else:
+            # Untruncated: τ_core + Σᵢ sᵢ (τᵢ − τ_core) is a plain combination, aⱼ = wⱼ + sⱼ − wⱼ Σᵢ sᵢ.
+            w = real.coeffs[layer.name]
+            coeffs = w + scales - w * scales.sum()
+        out_dtype = config.out_dtype or layer.dtype
+        merged = ops.accumulate(
+            _matrices(tensors, layer), coeffs.to(device=source.device, dtype=torch.float32), left, right, out_dtype
+        )
+        sink(layer.name, merged.reshape(layer.shape))
+
+
+@torch.no_grad()
+def run_merge(
+    source: LayerSource,
+    config: R2MConfig,
+    sink: Optional[Sink] = None,
+    progress: bool = False,
+) -> MergeResult:
+    """R²M over a LayerSource. Without a sink the merged tensors are returned in the result."""
+    start = time.perf_counter()
+    backend: Backend = resolve_backend(config.backend, source.device)
+    ops = backend.ops()
+    N = len(source.labels) - 1
+    state = MergeState(plan=build_plan(source.specs(), config))
+    out: dict[str, torch.Tensor] = {}
+    sink = sink or out.__setitem__
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    gram_pass(source, state, config, ops, progress)
+    real = solve_real_subspace(state, config, N)
+    seconds["grams_and_solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    factors = factor_pass(source, state, real, config, ops, progress)
+    state.sketches.clear()  # sketches are only the range finder's start
+    norms = residual_norms(state, real, factors, N)
+    eta = config.alpha * real.core_norm
+    scales = residual_scales(norms, eta, config.residual_scale)
+    seconds["factors"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    accumulate_pass(source, state, real, factors, scales, config, ops, sink, progress)
+    seconds["accumulate"] = time.perf_counter() - t
+
+    kinds = [layer.kind for layer in state.plan]
+    report = {
+        "method": "r2m",
+        "backend": backend.name,
+        "device": str(source.device),
+        "core_norm": real.core_norm,
+        "eta": eta,
+        "residual_norms": norms.tolist(),
+        "ranks": {layer.name: layer.rank for layer in state.plan if layer.kind == DECOMPOSED},
+        "eigenvalues": real.eigenvalues,
+        "k_real": real.k,
+        "core_coeffs": next(
+            (real.coeffs[layer.name].tolist() for layer in state.plan if layer.kind == DECOMPOSED), []
+        ),
+        "layers": {kind: kinds.count(kind) for kind in (DECOMPOSED, PASSTHROUGH, HEAD, COPY)},
+        "power_iters": config.effective_power_iters,
+        "oversample": config.oversample,
+        "seed": config.seed,
+        "pass_seconds": seconds,
+        "seconds": time.perf_counter() - start,
+    }
+    return MergeResult(state_dict=out, report=report)
