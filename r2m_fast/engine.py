@@ -24,7 +24,7 @@ import torch
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.plan import (
-    COPY, DECOMPOSED, HEAD, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
+    COPY, DECOMPOSED, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
     check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
@@ -252,18 +252,22 @@ def factor_pass(
 
 
 def residual_norms(state: MergeState, real: RealSubspace, factors: Mapping[str, ResidualFactors], N: int) -> torch.Tensor:
-    """nᵢ = ‖f̃ᵢ‖ over all merged parameters: kept σ² where truncated, cᵢᵀ Gˡ cᵢ (cᵢ = eᵢ − w) elsewhere."""
+    """nᵢ = ‖f̃ᵢ‖ over all merged parameters: kept σ² where truncated, cᵢᵀ Gˡ cᵢ (cᵢ = eᵢ − w) elsewhere;
+    0 where it is negligible against ‖τᵢ‖ (see NEGLIGIBLE_RESIDUAL_RTOL)."""
     sq = torch.zeros(N, dtype=torch.float64)
+    tau_sq = torch.zeros(N, dtype=torch.float64)
     eye = torch.eye(N, dtype=torch.float64)
     for layer in state.plan:
         if not layer.merged:
             continue
+        tau_sq += torch.diagonal(state.grams[layer.name])
         if layer.name in factors:
             sq += factors[layer.name].kept_sq
         else:
             c = eye - real.coeffs[layer.name][None, :]  # row i: eᵢ − w
             sq += torch.einsum("ij,jk,ik->i", c, state.grams[layer.name], c)
-    return sq.clamp_min(0.0).sqrt()
+    norms = sq.clamp_min(0.0).sqrt()
+    return torch.where(norms > NEGLIGIBLE_RESIDUAL_RTOL * tau_sq.sqrt(), norms, 0.0)
 
 
 def residual_scales(norms: torch.Tensor, eta: float, residual_scale: str) -> torch.Tensor:

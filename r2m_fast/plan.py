@@ -22,6 +22,12 @@ HEAD = "head"                # under head_prefix: plain average of the specialis
 COPY = "copy"                # integer/bool buffer: copied from the base untouched
 
 
+# A residual below this fraction of its own task vector's norm is the rounding noise left when a
+# specialist equals the Real component (identical specialists): it stays 0 instead of being
+# rescaled to unit norm, where it would inject pure noise. Both the reference and the engine use it.
+NEGLIGIBLE_RESIDUAL_RTOL = 1e-5
+
+
 class MergeInputError(ValueError):
     """The models given to a merge do not fit together; the message names the tensor or model."""
 

@@ -15,7 +15,7 @@ import torch
 
 from r2m_fast.config import R2MConfig
 from r2m_fast.plan import (
-    COPY, DECOMPOSED, HEAD, ModelLike, as_state_dict, build_plan, check_compatible, check_finite,
+    COPY, DECOMPOSED, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, ModelLike, as_state_dict, build_plan, check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
 
@@ -101,6 +101,8 @@ def r2m_merge(
 
     # Step 4 — norm matching over all merged parameters.
     norms = torch.sqrt(sum((residuals[layer.name] ** 2).sum(1) for layer in merged_layers))
+    tau_norms = torch.sqrt(sum((A[layer.name] ** 2).sum(1) for layer in merged_layers))
+    norms = torch.where(norms > NEGLIGIBLE_RESIDUAL_RTOL * tau_norms, norms, 0.0)
     target = norms.mean() if config.residual_scale == "kit" else torch.tensor(1.0, dtype=torch.float64)
     scale = torch.where(norms > 0, target / torch.where(norms > 0, norms, 1.0), 0.0)
 

@@ -102,3 +102,6 @@ def layer_family(
         delta = delta * (scale * torch.linalg.vector_norm(base) / torch.linalg.vector_norm(delta).clamp_min(1e-300))
         out.append(base + delta)
     return [t.reshape(shape).to(dtype=dtype, device=device) for t in out]
+
+
+test_devices.__test__ = False  # a helper that pytest would otherwise collect from `from helpers import *`
