@@ -13,6 +13,7 @@ import torch
 BLOCK_NORMS = ("fro_sqrtP", "fro", "none")
 RESIDUAL_SCALES = ("relative", "kit")
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+RANGE_FINDER_PRECISIONS = ("auto", "fp32", "bf16")
 
 # q = 1 holds the accuracy contract (truncation error ≤ 1.05× the optimal rank-r error) on
 # realistic spectra at half the passes of q = 2; see tests/test_engine.py::test_default_power_iters.
@@ -66,6 +67,11 @@ class R2MConfig:
             re.search-matches a parameter name sets its truncation instead of rank_ratio.
         skip_depthwise: do not truncate weights with min(m, n) ≤ 1 after reshaping (depthwise
             convolutions, embeddings of one row).
+        range_finder_precision: operand precision of the products that only *find* the residual
+            subspace (the sketch and the power iterations): "fp32", "bf16", or "auto" = bf16 where
+            the hardware multiplies bf16 fast (CUDA; CPUs with AMX or AVX512-BF16), else fp32. Task
+            vectors are always formed in fp32 first; the final projection QᵀF, the norms and the
+            output are always fp32 (DESIGN §4).
     """
 
     k_real: int = 1
@@ -84,6 +90,7 @@ class R2MConfig:
     out_dtype: Optional[Union[str, torch.dtype]] = None
     rank_overrides: Optional[Mapping[str, Union[int, float]]] = field(default=None)
     skip_depthwise: bool = False
+    range_finder_precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int(self.k_real, "k_real", minimum=1)
@@ -129,6 +136,7 @@ class R2MConfig:
             self.rank_overrides = overrides
         if not isinstance(self.skip_depthwise, bool):
             raise ValueError(f"skip_depthwise: must be True or False, got {self.skip_depthwise!r}")
+        _check_choice(self.range_finder_precision, "range_finder_precision", RANGE_FINDER_PRECISIONS)
 
     @property
     def effective_power_iters(self) -> int:

@@ -12,6 +12,7 @@ The layer operations come from a backend (r2m_fast.backends); everything here is
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -25,7 +26,7 @@ from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.plan import (
     COPY, DECOMPOSED, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
-    check_compatible, check_finite,
+    MergeInputError, check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
 
@@ -110,11 +111,22 @@ def sketch_width(layer: LayerPlan, oversample: int) -> int:
     return min(layer.rank + oversample, min(layer.matrix))
 
 
+def range_finder_dtype(config: R2MConfig, device: torch.device) -> torch.dtype:
+    """Operand dtype of the subspace-finding products (see R2MConfig.range_finder_precision)."""
+    if config.range_finder_precision == "auto":
+        fast_bf16 = device.type == "cuda" or (
+            device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        )
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    return torch.bfloat16 if config.range_finder_precision == "bf16" else torch.float32
+
+
 def test_matrix(layer: LayerPlan, config: R2MConfig, device: torch.device) -> torch.Tensor:
-    """Ω (n, s), standard Gaussian, fp32, seeded per layer."""
+    """Ω (n, s), standard Gaussian drawn in fp32 and seeded per layer, in the range finder's dtype."""
     generator = torch.Generator(device=device).manual_seed(layer_seed(config.seed, layer.name))
     n, s = layer.matrix[1], sketch_width(layer, config.oversample)
-    return torch.randn(n, s, generator=generator, device=device, dtype=torch.float32)
+    omega = torch.randn(n, s, generator=generator, device=device, dtype=torch.float32)
+    return omega.to(range_finder_dtype(config, device))
 
 
 def _matrices(tensors: Sequence[torch.Tensor], layer: LayerPlan) -> list[torch.Tensor]:
@@ -129,19 +141,39 @@ def _progress(items: Sequence[LayerPlan], desc: str, enabled: bool) -> Iterable[
     return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=not enabled)
+
+
 def gram_pass(
     source: LayerSource, state: MergeState, config: R2MConfig, ops, progress: bool = False
 ) -> None:
-    """Pass 1: Grams of every merged layer, sketches of every truncated one."""
+    """Pass 1: Grams of every merged layer, sketches of every truncated one.
+
+    NaN/Inf anywhere in θ₀…θ_N makes a diagonal entry of the Gram non-finite, so the inputs are
+    checked through the Grams without another pass over the weights; only then are the tensors
+    searched to name the culprit. The Grams stay on the device until the pass ends (one transfer).
+    """
     layers = [layer for layer in state.plan if layer.merged]
+    grams = []
     for layer in _progress(layers, "pass 1/3: Grams and sketches", progress):
         weights = source.load(layer.name)
-        check_finite(layer.name, weights, source.labels)
         omega = test_matrix(layer, config, source.device) if layer.rank is not None else None
         gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
-        state.grams[layer.name] = gram.detach().to("cpu", torch.float64)
+        grams.append(gram.detach().to(torch.float64))
         if sketch is not None:
             state.sketches[layer.name] = sketch
+    if not grams:
+        return
+    stacked = torch.stack(grams).cpu()
+    finite = torch.isfinite(stacked).flatten(1).all(1)
+    for layer, gram, ok in zip(layers, stacked, finite.tolist()):
+        if not ok:
+            check_finite(layer.name, source.load(layer.name), source.labels)
+            raise MergeInputError(f"tensor {layer.name!r}: its Gram overflowed (task vectors too large for fp32)")
+        state.grams[layer.name] = gram
 
 
 def solve_real_subspace(state: MergeState, config: R2MConfig, num_specialists: int) -> RealSubspace:
@@ -201,54 +233,96 @@ def _block_weight(gram: torch.Tensor, numel: int, block_norm: str) -> float:
     return (1.0 if block_norm == "fro" else math.sqrt(numel)) / fro
 
 
-def residual_operator(ops, weights: Sequence[torch.Tensor], core_coeffs: torch.Tensor):
-    """(rhs, transpose) ↦ Fᵢ·rhsᵢ or Fᵢᵀ·rhsᵢ; a backend may form the residuals once per layer."""
-    if hasattr(ops, "residual_operator"):
-        return ops.residual_operator(weights, core_coeffs)
-    return lambda rhs, transpose: ops.residual_matmul(weights, core_coeffs, rhs, transpose)
-
-
 def factorize_residuals(
-    ops, weights: Sequence[torch.Tensor], core_coeffs: torch.Tensor, sketch: torch.Tensor,
-    rank: int, power_iters: int,
-) -> ResidualFactors:
-    """Halko–Martinsson–Tropp range finder for all N residuals of one layer at once (DESIGN §3).
+    ops,
+    matmuls: Sequence[Callable[[torch.Tensor, bool], torch.Tensor]],
+    core_coeffs: Sequence[torch.Tensor],
+    sketches: Sequence[torch.Tensor],
+    rank: int,
+    power_iters: int,
+    fast_dtype: torch.dtype = torch.float32,
+) -> list[ResidualFactors]:
+    """Halko–Martinsson–Tropp range finder for the N residuals of one or more same-shape layers.
 
-    Yᵢ = Zᵢ − Σⱼ wⱼ Zⱼ is Fᵢ Ω by linearity. q power iterations, each half step re-orthonormalized
-    (fp32 subspace iteration loses the small directions otherwise). The s×s eigenproblem of BᵢBᵢᵀ
-    replaces the SVD of Bᵢ = QᵢᵀFᵢ: only the top r ≤ s values are kept, far from where squaring the
-    spectrum loses digits.
+    For each layer, ``matmuls[l](rhs, transpose)`` multiplies every residual Fᵢ = τᵢ − Σⱼ wⱼτⱼ (or
+    Fᵢᵀ) by its own right-hand side, and Yᵢ = Zᵢ − Σⱼ wⱼ Zⱼ is Fᵢ Ω by linearity. The small dense
+    steps (CholeskyQR, the s×s eigenproblems) run batched over all the layers given, so a GPU pays
+    their launch and solver latency once per layer shape, not once per layer. q power iterations,
+    each half step re-orthonormalized (fp32 subspace iteration loses small directions otherwise).
+    The s×s eigenproblem of BᵢBᵢᵀ replaces the SVD of Bᵢ = QᵢᵀFᵢ: only the top r ≤ s values are
+    kept, far from where squaring the spectrum loses digits. The power iterations multiply at
+    `fast_dtype` (they only steer the subspace); Bᵢ is always formed in fp32.
     """
-    matmul = residual_operator(ops, weights, core_coeffs)
-    w = core_coeffs.to(sketch)
-    q = ops.orthonormalize(sketch - torch.einsum("j,jms->ms", w, sketch))
+    count = len(matmuls)
+
+    def each(stacked: torch.Tensor, transpose: bool) -> torch.Tensor:
+        if count == 1:
+            return matmuls[0](stacked, transpose)
+        parts = stacked.chunk(count)
+        return torch.cat([matmul(part, transpose) for matmul, part in zip(matmuls, parts)])
+
+    starts = [z - torch.einsum("j,jms->ms", w.to(z), z) for w, z in zip(core_coeffs, sketches)]
+    y = starts[0] if count == 1 else torch.cat(starts)
+    q = ops.orthonormalize(y)
     for _ in range(power_iters):
-        p = ops.orthonormalize(matmul(q, True))
-        q = ops.orthonormalize(matmul(p, False))
-    bt = matmul(q, True)  # (N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
-    small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # (N, s, s) = Bᵢ Bᵢᵀ
+        p = ops.orthonormalize(each(q.to(fast_dtype), True))
+        q = ops.orthonormalize(each(p.to(fast_dtype), False))
+    bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
+    small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # Bᵢ Bᵢᵀ
     evals, evecs = torch.linalg.eigh(small)
     evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
     sigma = evals.clamp_min(0.0).sqrt()
     left = torch.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
     inv_sigma = torch.where(sigma > 0, 1.0 / torch.where(sigma > 0, sigma, 1.0), 0.0)
     right = torch.matmul(bt, (evecs * inv_sigma[:, None, :]).to(bt.dtype))
-    return ResidualFactors(left, right, (sigma**2).sum(-1).cpu())
+    kept_sq = (sigma**2).sum(-1).cpu()
+    return [
+        ResidualFactors(l_, r_, k_)
+        for l_, r_, k_ in zip(left.chunk(count), right.chunk(count), kept_sq.chunk(count))
+    ]
 
 
 def factor_pass(
     source: LayerSource, state: MergeState, real: RealSubspace, config: R2MConfig, ops, progress: bool = False,
 ) -> dict[str, ResidualFactors]:
-    """Pass 2: rank-r factors of every truncated layer's residuals."""
-    factors = {}
+    """Pass 2: rank-r factors of every truncated layer's residuals.
+
+    On CPU one layer at a time, each layer's residuals formed once when the backend offers
+    ``residual_operator`` (memory: one layer × N). On CUDA, layers of one shape and rank go through
+    the range finder together (see factorize_residuals); their weights are read in place.
+    """
     layers = [layer for layer in state.plan if layer.rank is not None and layer.kind == DECOMPOSED]
-    for layer in _progress(layers, "pass 2/3: residual factors", progress):
-        weights = _matrices(source.load(layer.name), layer)
-        coeffs = real.coeffs[layer.name].to(device=source.device, dtype=torch.float32)
-        factors[layer.name] = factorize_residuals(
-            ops, weights, coeffs, state.sketches[layer.name], layer.rank, config.effective_power_iters
+    if source.device.type == "cuda":
+        groups: dict[tuple, list[LayerPlan]] = {}
+        for layer in layers:
+            groups.setdefault((layer.matrix, layer.rank), []).append(layer)
+        batches = list(groups.values())
+    else:
+        batches = [[layer] for layer in layers]
+    factors = {}
+    bar = _progress_bar(len(layers), "pass 2/3: residual factors", progress)
+    for batch in batches:
+        matmuls, coeffs = [], []
+        for layer in batch:
+            weights = _matrices(source.load(layer.name), layer)
+            w = real.coeffs[layer.name].to(device=source.device, dtype=torch.float32)
+            if len(batch) == 1 and hasattr(ops, "residual_operator"):
+                matmuls.append(ops.residual_operator(weights, w))
+            else:
+                matmuls.append(functools.partial(_residual_matmul, ops, weights, w))
+            coeffs.append(w)
+        results = factorize_residuals(
+            ops, matmuls, coeffs, [state.sketches[layer.name] for layer in batch],
+            batch[0].rank, config.effective_power_iters, range_finder_dtype(config, source.device),
         )
+        factors.update((layer.name, result) for layer, result in zip(batch, results))
+        bar.update(len(batch))
+    bar.close()
     return factors
+
+
+def _residual_matmul(ops, weights, core_coeffs, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return ops.residual_matmul(weights, core_coeffs, rhs, transpose)
 
 
 def residual_norms(state: MergeState, real: RealSubspace, factors: Mapping[str, ResidualFactors], N: int) -> torch.Tensor:
@@ -291,6 +365,7 @@ def accumulate_pass(
             continue
         left = right = None
         if layer.kind == HEAD:
+            check_finite(layer.name, tensors, source.labels)  # heads skip pass 1 and its check
             coeffs = torch.full((N,), 1.0 / N, dtype=torch.float64)
         elif layer.name in factors:
             coeffs = real.coeffs[layer.name]
@@ -327,8 +402,10 @@ def run_merge(
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
+    sync = torch.cuda.synchronize if source.device.type == "cuda" else lambda: None
     gram_pass(source, state, config, ops, progress)
     real = solve_real_subspace(state, config, N)
+    sync()
     seconds["grams_and_solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -337,10 +414,12 @@ def run_merge(
     norms = residual_norms(state, real, factors, N)
     eta = config.alpha * real.core_norm
     scales = residual_scales(norms, eta, config.residual_scale)
+    sync()
     seconds["factors"] = time.perf_counter() - t
 
     t = time.perf_counter()
     accumulate_pass(source, state, real, factors, scales, config, ops, sink, progress)
+    sync()
     seconds["accumulate"] = time.perf_counter() - t
 
     kinds = [layer.kind for layer in state.plan]

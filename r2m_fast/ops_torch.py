@@ -12,7 +12,7 @@ raw θ in reduced precision would cancel it away).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -22,7 +22,10 @@ Weights = Sequence[torch.Tensor]
 def task_vectors(weights: Weights) -> torch.Tensor:
     """τ as one fp32 tensor of shape (N, m, n)."""
     base = weights[0].float()
-    return torch.stack([w.float() - base for w in weights[1:]])
+    tau = torch.empty((len(weights) - 1, *base.shape), dtype=torch.float32, device=base.device)
+    for out, w in zip(tau, weights[1:]):
+        torch.sub(w.float(), base, out=out)
+    return tau
 
 
 def gram_sketch(
@@ -32,7 +35,8 @@ def gram_sketch(
 
     Args:
         weights: N+1 tensors (m, n), fp32/bf16/fp16.
-        omega: (n, s) fp32 Gaussian test matrix, or None for the Gram alone.
+        omega: (n, s) Gaussian test matrix, or None for the Gram alone. fp32 or bf16: the sketch
+            product runs at omega's precision (τ is formed in fp32, then rounded to it).
 
     Returns:
         gram: (N, N) float64, Gᵢⱼ = ⟨τᵢ, τⱼ⟩ over all m·n elements.
@@ -41,7 +45,7 @@ def gram_sketch(
     tau = task_vectors(weights)
     flat = tau.reshape(tau.shape[0], -1)
     gram = (flat @ flat.T).double()
-    sketch = None if omega is None else torch.matmul(tau, omega.float())
+    sketch = None if omega is None else torch.matmul(tau.to(omega.dtype), omega).float()
     return gram, sketch
 
 
@@ -56,28 +60,46 @@ def residual_matmul(
     Args:
         weights: N+1 tensors (m, n).
         core_coeffs: (N,) the Real-component coefficients w of this layer.
-        rhs: (N, n, s) when transpose is False, (N, m, s) when it is True; fp32.
+        rhs: (N, n, s) when transpose is False, (N, m, s) when it is True; fp32, or bf16 for a
+            product at bf16 precision (the residual is formed in fp32, then rounded).
         transpose: multiply Fᵢᵀ instead of Fᵢ.
 
     Returns:
         (N, m, s) = Fᵢ rhsᵢ, or (N, n, s) = Fᵢᵀ rhsᵢ when transpose; fp32.
     """
+    return residual_operator(weights, core_coeffs)(rhs, transpose)
+
+
+def residual_operator(
+    weights: Weights, core_coeffs: torch.Tensor
+) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """residual_matmul with the layer's residuals formed once, (N, m, n) fp32, for the 2q+1
+    products of one layer's range finder (the engine uses this when a backend offers it)."""
     tau = task_vectors(weights)
     core = torch.einsum("j,jmn->mn", core_coeffs.to(tau), tau)
-    residual = tau.sub_(core)
-    if transpose:
-        residual = residual.transpose(1, 2)
-    return torch.bmm(residual, rhs.float())
+    residuals = {torch.float32: tau.sub_(core)}
+
+    def matmul(rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
+        if rhs.dtype not in residuals:
+            residuals[rhs.dtype] = residuals[torch.float32].to(rhs.dtype)
+        residual = residuals[rhs.dtype]
+        return torch.bmm(residual.transpose(1, 2) if transpose else residual, rhs).float()
+
+    return matmul
 
 
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal bases of a batch of tall-skinny matrices by shifted CholeskyQR2.
+    """Orthonormal bases of a batch of tall-skinny matrices by shifted CholeskyQR3.
 
     Householder QR is slow batched on GPUs (pytorch#143281); CholeskyQR needs only a Gram, a tiny
-    Cholesky and a triangular solve. The Gram is taken in float64 so that one more pass restores
-    orthogonality to fp32 rounding. A shift keeps the Cholesky defined when a sketch is rank
-    deficient (a zero or low-rank residual): such columns come out small instead of NaN, and a
-    small column in the basis only adds a zero singular value later.
+    Cholesky and a triangular solve, all in fp32 (an fp64 Gram costs 7× more on CPUs). Each step
+    is Q ← Q R⁻¹ with Rᵀ R = QᵀQ + δ·I, δ = 1e-6 · max diag: the first step's shift bounds
+    cond(Q) by ~1e3 whatever the sketch's conditioning, so two more fp32 steps restore
+    orthogonality to fp32 rounding (Fukaya et al., shifted CholeskyQR3). The shift also keeps a
+    rank-deficient sketch (a zero or low-rank residual) from breaking the Cholesky or inflating
+    rounding noise into unit columns: such directions come out small, and a small column only adds
+    a zero singular value later. Full-rank columns come out the unique thin-QR factor, their
+    squared norms biased by ~1e-6.
 
     Args:
         y: (B, m, s) fp32 with s ≤ m.
@@ -86,22 +108,20 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
         (B, m, s) fp32 with orthonormal columns wherever y has full column rank.
     """
     q = y.float()
-    for _ in range(2):
-        gram = torch.matmul(q.transpose(1, 2).double(), q.double())
-        q = q @ _inverse_cholesky_factor(gram).to(q.dtype)
+    for _ in range(3):
+        gram = torch.matmul(q.transpose(1, 2), q)
+        q = q @ _inverse_cholesky_factor(gram)
     return q
 
 
 def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
-    """R⁻¹ with Rᵀ R = gram + shift·I, batched, float64."""
+    """R⁻¹ with Rᵀ R = gram + δ·I, δ = 1e-6 · max diag (floored so an all-zero batch item stays 0)."""
     s = gram.shape[-1]
+    eye = torch.eye(s, dtype=gram.dtype, device=gram.device)
     # The floor keeps R⁻¹ representable in fp32 for an all-zero sketch (R⁻¹·0 = 0, not inf·0 = NaN).
-    scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-    # Shift of Fukaya et al. (shifted CholeskyQR) sized for fp32 columns; relative to the trace.
-    shift = (1e-7 * scale)[:, None, None] * torch.eye(s, dtype=gram.dtype, device=gram.device)
-    r = torch.linalg.cholesky(gram + shift, upper=True)
-    eye = torch.eye(s, dtype=gram.dtype, device=gram.device).expand_as(r)
-    return torch.linalg.solve_triangular(r, eye, upper=True)
+    top = torch.diagonal(gram, dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    r = torch.linalg.cholesky(gram + (1e-6 * top)[:, None, None] * eye, upper=True)
+    return torch.linalg.solve_triangular(r, eye.expand_as(r), upper=True)
 
 
 def accumulate(
@@ -124,9 +144,10 @@ def accumulate(
     """
     base = weights[0].float()
     out = base.clone()
+    tau = torch.empty_like(base)
     for a, w in zip(coeffs.tolist(), weights[1:]):
         if a != 0.0:
-            out.add_(w.float() - base, alpha=a)
+            out.add_(torch.sub(w.float(), base, out=tau), alpha=a)
     if left is not None:
         out.addmm_(left.float(), right.float().T)
     return out.to(out_dtype)
