@@ -99,6 +99,16 @@ class MergeState:
     plan: list[LayerPlan]
     grams: dict[str, torch.Tensor] = field(default_factory=dict)     # (N, N) fp64, CPU
     sketches: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, m, s) fp32, compute device
+    # Operand dtype of the subspace-finding products (Ω and the power iterations).
+    range_finder_dtype: torch.dtype = torch.float32
+
+
+def new_state(source: "LayerSource", config: R2MConfig, backend: Backend) -> MergeState:
+    """The empty state of a merge of `source` with `config` on `backend`."""
+    return MergeState(
+        plan=build_plan(source.specs(), config),
+        range_finder_dtype=range_finder_dtype(config, source.device, backend.name),
+    )
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -111,22 +121,27 @@ def sketch_width(layer: LayerPlan, oversample: int) -> int:
     return min(layer.rank + oversample, min(layer.matrix))
 
 
-def range_finder_dtype(config: R2MConfig, device: torch.device) -> torch.dtype:
-    """Operand dtype of the subspace-finding products (see R2MConfig.range_finder_precision)."""
+def range_finder_dtype(config: R2MConfig, device: torch.device, backend: str) -> torch.dtype:
+    """Operand dtype of the subspace-finding products (see R2MConfig.range_finder_precision).
+
+    "auto" takes bf16 on CUDA, and on CPUs with AMX/AVX512-BF16 for the torch backend (the
+    Triton interpreter, the only CPU user of the triton backend, has no bf16)."""
     if config.range_finder_precision == "auto":
         fast_bf16 = device.type == "cuda" or (
-            device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+            device.type == "cpu"
+            and backend == "torch"
+            and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
         )
         return torch.bfloat16 if fast_bf16 else torch.float32
     return torch.bfloat16 if config.range_finder_precision == "bf16" else torch.float32
 
 
-def test_matrix(layer: LayerPlan, config: R2MConfig, device: torch.device) -> torch.Tensor:
-    """Ω (n, s), standard Gaussian drawn in fp32 and seeded per layer, in the range finder's dtype."""
+def test_matrix(layer: LayerPlan, config: R2MConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Ω (n, s), standard Gaussian drawn in fp32 and seeded per layer, then cast to `dtype`."""
     generator = torch.Generator(device=device).manual_seed(layer_seed(config.seed, layer.name))
     n, s = layer.matrix[1], sketch_width(layer, config.oversample)
     omega = torch.randn(n, s, generator=generator, device=device, dtype=torch.float32)
-    return omega.to(range_finder_dtype(config, device))
+    return omega.to(dtype)
 
 
 def _matrices(tensors: Sequence[torch.Tensor], layer: LayerPlan) -> list[torch.Tensor]:
@@ -160,7 +175,9 @@ def gram_pass(
     grams = []
     for layer in _progress(layers, "pass 1/3: Grams and sketches", progress):
         weights = source.load(layer.name)
-        omega = test_matrix(layer, config, source.device) if layer.rank is not None else None
+        omega = (
+            test_matrix(layer, config, source.device, state.range_finder_dtype) if layer.rank is not None else None
+        )
         gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
         grams.append(gram.detach().to(torch.float64))
         if sketch is not None:
@@ -313,7 +330,7 @@ def factor_pass(
             coeffs.append(w)
         results = factorize_residuals(
             ops, matmuls, coeffs, [state.sketches[layer.name] for layer in batch],
-            batch[0].rank, config.effective_power_iters, range_finder_dtype(config, source.device),
+            batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
         )
         factors.update((layer.name, result) for layer, result in zip(batch, results))
         bar.update(len(batch))
@@ -396,7 +413,7 @@ def run_merge(
     backend: Backend = resolve_backend(config.backend, source.device)
     ops = backend.ops()
     N = len(source.labels) - 1
-    state = MergeState(plan=build_plan(source.specs(), config))
+    state = new_state(source, config, backend)
     out: dict[str, torch.Tensor] = {}
     sink = sink or out.__setitem__
     seconds: dict[str, float] = {}
@@ -438,6 +455,7 @@ def run_merge(
         ),
         "layers": {kind: kinds.count(kind) for kind in (DECOMPOSED, PASSTHROUGH, HEAD, COPY)},
         "power_iters": config.effective_power_iters,
+        "range_finder_dtype": str(state.range_finder_dtype).removeprefix("torch."),
         "oversample": config.oversample,
         "seed": config.seed,
         "pass_seconds": seconds,
