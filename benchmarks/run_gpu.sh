@@ -22,7 +22,7 @@ echo "build: $(( $(date +%s) - start )) s; $(grep -ciE 'error' "$OUT/build.log")
 python3 -m r2m_fast.cuda_ops 2>&1 | tail -3
 
 start=$(date +%s)
-timeout 240 python3 -m pytest -q -p no:cacheprovider -x --timeout 120 tests \
+timeout 240 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests \
   --ignore=tests/test_detector_smoke.py -k "not slow" > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
