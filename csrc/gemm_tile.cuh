@@ -49,11 +49,14 @@ struct KContigF32 {
 };
 
 // τⱼ = θⱼ − θ₀ formed in fp32 as it is loaded (never stored): element (r, k) of θ at p[r·ld + k].
+// round_bf16: round τ to bf16 (the product then runs at a bf16 Ω's precision, as the torch contract
+// does for a bf16 Ω; products and sums stay fp32).
 template <typename T, bool VEC>
 struct TauLoader {
   const T* base;
   const T* w;
   int64_t ld_base, ld_w, rows, k_total, row0;
+  bool round_bf16;
   __device__ __forceinline__ void load(int64_t k0, float (&v)[4]) const {
     const int t = threadIdx.x;
     const int64_t r = row0 + (t >> 2);
@@ -70,6 +73,10 @@ struct TauLoader {
         v[e] = (r < rows && k + e < k_total)
                    ? to_float(w[r * ld_w + k + e]) - to_float(base[r * ld_base + k + e])
                    : 0.f;
+    }
+    if (round_bf16) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = __bfloat162float(__float2bfloat16_rn(v[e]));
     }
   }
   __device__ __forceinline__ void store(float (*s)[kTileM + kPad], const float (&v)[4]) const {

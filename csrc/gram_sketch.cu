@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(WeightPtrs 
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kGemmThreads) sketch_kernel(WeightPtrs w, int n, int64_t rows, int64_t cols,
                                                              const float* __restrict__ omega, int64_t omega_ld,
-                                                             int64_t s, float* __restrict__ out, bool omega_vec) {
+                                                             int64_t s, float* __restrict__ out, bool omega_vec,
+                                                             bool round_bf16) {
   __shared__ __align__(16) GemmSmem sm;
   const int task = blockIdx.x % n;
   const int64_t col0 = int64_t(blockIdx.x / n) * kTileN;
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kGemmThreads) sketch_kernel(WeightPtrs w, int 
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const int64_t row0 = rt * kTileM;
     TauLoader<T, VEC> A{static_cast<const T*>(w.ptr[0]), static_cast<const T*>(w.ptr[task + 1]), w.stride[0],
-                        w.stride[task + 1], rows, cols, row0};
+                        w.stride[task + 1], rows, cols, row0, round_bf16};
     float acc[4][4];
     if (omega_vec) {
       NContigF32<true> B{omega, omega_ld, cols, s, col0};
@@ -227,8 +228,8 @@ void gram_partials(const std::vector<uintptr_t>& weights, const std::vector<int6
 }
 
 void sketch(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& strides, int64_t rows, int64_t cols,
-            int dtype, uintptr_t omega, int64_t omega_stride, int64_t s, uintptr_t out, int device,
-            uintptr_t stream_handle) {
+            int dtype, uintptr_t omega, int64_t omega_stride, int64_t s, uintptr_t out, bool round_tau_bf16,
+            int device, uintptr_t stream_handle) {
   const char* kname = "sketch_kernel";
   WeightPtrs w = make_ptrs(weights, strides, kname);
   const int n = int(weights.size()) - 1;
@@ -249,7 +250,8 @@ void sketch(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& s
   float* z = reinterpret_cast<float*>(out);
   R2M_DISPATCH_DTYPE(dtype, T, kname, {
     R2M_BOOL_SWITCH(vec, VEC, {
-      sketch_kernel<T, VEC><<<grid, kGemmThreads, 0, stream>>>(w, n, rows, cols, om, omega_stride, s, z, omega_vec);
+      sketch_kernel<T, VEC><<<grid, kGemmThreads, 0, stream>>>(w, n, rows, cols, om, omega_stride, s, z, omega_vec,
+                                                                   round_tau_bf16);
     });
   });
   check_launch(kname, stream);
