@@ -244,6 +244,7 @@ def gram_sketch(
                 partial.data_ptr(), grid, index, stream,
             )
             gram = partial.sum(0)  # fp64, fixed order: deterministic
+            gram = torch.triu(gram) + torch.triu(gram, 1).transpose(0, 1)  # exactly symmetric
         if omega is not None:
             s = omega.shape[1]
             lead = tuple(base.shape[:-1]) if base.dim() > 1 else ()
