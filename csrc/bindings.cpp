@@ -42,7 +42,7 @@ PYBIND11_MODULE(_cuda, m) {
         "Per-block fp64 N×N Gram partials of τⱼ = θⱼ − θ₀ into partial (grid, N, N).");
   m.def("sketch", &r2m::sketch, py::arg("weights"), py::arg("strides"), py::arg("rows"), py::arg("cols"),
         py::arg("dtype"), py::arg("omega"), py::arg("omega_stride"), py::arg("s"), py::arg("out"),
-        py::arg("round_tau_bf16"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("round_tau_bf16"), py::arg("use_mma"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Z (N, rows, s) fp32 = (θⱼ − θ₀) Ω (τ rounded to bf16 first when round_tau_bf16).");
   m.def("accumulate", &r2m::accumulate, py::arg("weights"), py::arg("strides"), py::arg("coeffs"),
         py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("left"), py::arg("left_stride"),

@@ -10,10 +10,12 @@
 // deterministic (no atomics). N is a runtime value ≤ NMAX ∈ {2, 4, 8, 16}: loops are unrolled to
 // NMAX with the accumulators in registers and the j ≥ N terms predicated off.
 //
-// sketch kernel: the 64x64x16 tiled fp32 GEMM of gemm_tile.cuh with τⱼ formed in the A prologue.
-// blockIdx.x enumerates (task, column tile) with the task fastest, so blocks that run together
-// share the θ₀ row tile through L2.
+// sketch kernel: the 64x64x16 tiled fp32 GEMM of gemm_tile.cuh with τⱼ formed in the A prologue
+// (fp32 Ω: the contract's fp32 product). sketch_mma kernel (sketch_mma.cuh): bf16 tensor cores for
+// a bf16 Ω. In both, blockIdx.x enumerates (task, column tile) with the task fastest, so blocks
+// that run together share the θ₀ row tile through L2.
 #include "gemm_tile.cuh"
+#include "sketch_mma.cuh"
 
 namespace r2m {
 
@@ -229,7 +231,7 @@ void gram_partials(const std::vector<uintptr_t>& weights, const std::vector<int6
 
 void sketch(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& strides, int64_t rows, int64_t cols,
             int dtype, uintptr_t omega, int64_t omega_stride, int64_t s, uintptr_t out, bool round_tau_bf16,
-            int device, uintptr_t stream_handle) {
+            bool use_mma, int device, uintptr_t stream_handle) {
   const char* kname = "sketch_kernel";
   WeightPtrs w = make_ptrs(weights, strides, kname);
   const int n = int(weights.size()) - 1;
@@ -240,14 +242,28 @@ void sketch(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& s
   const size_t esize = dtype_size(dtype, kname);
   const bool vec = vector_ok(weights, strides, 2, esize, 4);  // 4-element loads along each row
   const bool omega_vec = aligned(omega, 16) && omega_stride % 4 == 0;
-  const int64_t col_tiles = (s + kTileN - 1) / kTileN;
-  const int64_t row_tiles = (rows + kTileM - 1) / kTileM;
+  const bool mma = use_mma && round_tau_bf16;
+  const int64_t tile_m = mma ? kMmaM : kTileM, tile_n = mma ? kMmaN : kTileN;
+  const int64_t col_tiles = (s + tile_n - 1) / tile_n;
+  const int64_t row_tiles = (rows + tile_m - 1) / tile_m;
   if (col_tiles * n > 0x7fffffff) fail(kname, "too many column tiles");
   dim3 grid(unsigned(col_tiles * n), unsigned(row_tiles < 65535 ? row_tiles : 65535));
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   set_device(device, kname);
   const float* om = reinterpret_cast<const float*>(omega);
   float* z = reinterpret_cast<float*>(out);
+  if (mma) {
+    const char* mname = "sketch_mma_kernel";
+    R2M_DISPATCH_DTYPE(dtype, T, mname, {
+      R2M_BOOL_SWITCH(vec, VEC, {
+        R2M_BOOL_SWITCH(omega_vec, OVEC, {
+          sketch_mma_kernel<T, VEC, OVEC><<<grid, kMmaThreads, 0, stream>>>(w, n, rows, cols, om, omega_stride, s, z);
+        });
+      });
+    });
+    check_launch(mname, stream);
+    return;
+  }
   R2M_DISPATCH_DTYPE(dtype, T, kname, {
     R2M_BOOL_SWITCH(vec, VEC, {
       sketch_kernel<T, VEC><<<grid, kGemmThreads, 0, stream>>>(w, n, rows, cols, om, omega_stride, s, z, omega_vec,

@@ -36,10 +36,11 @@ void gram_partials(const std::vector<uintptr_t>& weights, const std::vector<int6
 
 // Sketches Z[j] = (θⱼ₊₁ − θ₀) Ω for j < N: Z (N, rows, s) fp32 contiguous, Ω (cols, s) fp32 with
 // row stride omega_stride. round_tau_bf16: round τ to bf16 before the (fp32) product, which is
-// the torch contract's product for a bf16 Ω (the wrapper passes that Ω widened to fp32, exactly).
+// the torch contract's product for a bf16 Ω (the wrapper passes that Ω widened to fp32, exactly);
+// with use_mma that product runs on bf16 tensor cores (mma.sync, fp32 accumulation).
 void sketch(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& strides,
             int64_t rows, int64_t cols, int dtype, uintptr_t omega, int64_t omega_stride, int64_t s,
-            uintptr_t out, bool round_tau_bf16, int device, uintptr_t stream);
+            uintptr_t out, bool round_tau_bf16, bool use_mma, int device, uintptr_t stream);
 
 // out = θ₀ + Σⱼ aⱼ (θⱼ − θ₀) [+ L Rᵀ], fp32 arithmetic, cast once to out_dtype; out (rows, cols)
 // contiguous. left (rows, K) / right (cols, K) fp32 with row strides; K == 0 means no product.

@@ -24,6 +24,7 @@ the tensors' device; CUDA errors come back as RuntimeError naming the kernel and
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from functools import lru_cache
 from types import ModuleType
@@ -187,6 +188,12 @@ def _fallback(op: str, why: str) -> None:
     )
 
 
+def _use_mma() -> bool:
+    """bf16 tensor cores for a bf16 Ω's sketch (R2M_CUDA_SKETCH_MMA=0: the fp32 SIMT kernel instead,
+    same rounding of τ, for comparison)."""
+    return os.environ.get("R2M_CUDA_SKETCH_MMA", "1") not in ("", "0")
+
+
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
@@ -200,8 +207,9 @@ def gram_sketch(
     Args:
         weights: N+1 CUDA tensors of one shape (m, n) and dtype fp32/bf16/fp16; 1-D tensors are one
             row, tensors of more dims are (prod(shape[:-1]), shape[-1]) for the sketch.
-        omega: (n, s) test matrix (fp32, or bf16 for a product at bf16 precision: τ is formed in
-            fp32 and rounded to bf16 before the fp32 products), or None for the Gram alone.
+        omega: (n, s) test matrix (fp32: fp32 SIMT kernel; or bf16 for a product at bf16 precision:
+            τ is formed in fp32 and rounded to bf16, then bf16 tensor-core products with fp32
+            accumulation), or None for the Gram alone.
 
     Returns:
         gram: (N, N) float64 on the device, Gᵢⱼ = ⟨τᵢ, τⱼ⟩ (fp32 per-thread sums, fp64 across threads).
@@ -255,7 +263,8 @@ def gram_sketch(
             if rows > 0 and s > 0 and cols > 0:
                 ext.sketch(
                     [m.data_ptr() for m in mats], [m.stride(0) for m in mats], rows, cols, dtype_code,
-                    om.data_ptr(), om.stride(0), s, out.data_ptr(), omega.dtype == torch.bfloat16, index, stream,
+                    om.data_ptr(), om.stride(0), s, out.data_ptr(), omega.dtype == torch.bfloat16, _use_mma(),
+                    index, stream,
                 )
             else:
                 out.zero_()

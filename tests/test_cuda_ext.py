@@ -253,12 +253,21 @@ def test_gram_sketch_more_than_16_specialists_falls_back_with_warning(cuda):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor_cores", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_gram_sketch_bf16_omega(cuda, dtype):
-    """A bf16 Ω: τ rounded to bf16, fp32 products (torch rounds its bf16 result once more)."""
-    weights = _gpu_family(3, (65, 129), dtype, seed=4)
-    omega = torch.randn(129, 24, device="cuda").bfloat16()
-    _check_gram_sketch(weights, omega, sketch_dtype_tol=torch.bfloat16)
+@pytest.mark.parametrize("shape", [(65, 129), (257, 1031), (1000, 3), (1, 40), (300, 200)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gram_sketch_bf16_omega(cuda, monkeypatch, shape, dtype, mma):
+    """A bf16 Ω: τ rounded to bf16, bf16 products with fp32 sums (torch rounds its bf16 result once
+    more), on the tensor-core kernel and on the SIMT kernel; ragged in every tile dimension."""
+    monkeypatch.setenv("R2M_CUDA_SKETCH_MMA", mma)
+    weights = _gpu_family(3, shape, dtype, seed=4)
+    s = 24 if shape[1] > 24 else 3
+    if shape == (300, 200):
+        s = 130  # three 64-column tiles, the last ragged
+    omega = torch.randn(shape[1], s, device="cuda").bfloat16()
+    _, sketch = _check_gram_sketch(weights, omega, sketch_dtype_tol=torch.bfloat16)
+    _, again = cuda.gram_sketch(weights, omega)
+    assert torch.equal(sketch, again), "same inputs twice must be bit-identical"
 
 
 @gpu
@@ -281,6 +290,7 @@ def test_gram_sketch_views(cuda, dtype, layout):
             weights = [w[:, :70].T for w in big]
     omega = torch.randn(weights[0].shape[-1], 12, device="cuda")
     _check_gram_sketch(weights, omega)
+    _check_gram_sketch(weights, omega.bfloat16(), sketch_dtype_tol=torch.bfloat16)  # tensor-core kernel
 
 
 def _low_rank_factors(m, n, k, scale, device="cuda", seed=0):
