@@ -79,6 +79,18 @@ __device__ __forceinline__ void unpack_raw(const RawVec<VB>& r, float (&v)[VB / 
   }
 }
 
+// Element e (a compile-time index after unrolling) of a raw vector, as fp32.
+template <typename T, int VB>
+__device__ __forceinline__ float raw_elem(const RawVec<VB>& r, int e) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(r.w[e]);
+  } else {
+    float lo, hi;
+    unpack_word(r.w[e >> 1], (T*)nullptr, lo, hi);
+    return (e & 1) ? hi : lo;
+  }
+}
+
 // Four consecutive elements as fp32 (a 16-byte load for fp32, 8 bytes for 16-bit types); the
 // caller guarantees alignment to 4 elements.
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {

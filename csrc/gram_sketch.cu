@@ -79,16 +79,12 @@ __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(WeightPtrs 
       for (int u = 0; u < U; ++u) {
         const int64_t q = q0 + u * step;
         if (full[u]) {
-          float b[V];
-          unpack_raw<T, VB>(raw[u][0], b);
-          float x[NMAX][V];
 #pragma unroll
-          for (int j = 0; j < NMAX; ++j) unpack_raw<T, VB>(raw[u][j + 1], x[j]);
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
+          for (int e = 0; e < V; ++e) {  // unpack one element at a time: keeps registers for acc
+            const float b = raw_elem<T, VB>(raw[u][0], e);
             float tau[NMAX];
 #pragma unroll
-            for (int j = 0; j < NMAX; ++j) tau[j] = (j < n) ? x[j][e] - b[e] : 0.f;
+            for (int j = 0; j < NMAX; ++j) tau[j] = (j < n) ? raw_elem<T, VB>(raw[u][j + 1], e) - b : 0.f;
             add_element(tau);
           }
         } else if (q < total) {  // ragged tail of a row: scalar loads

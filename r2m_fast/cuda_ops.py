@@ -13,8 +13,8 @@ op called anyway raises a RuntimeError that carries the original error and a fix
 Every tensor is validated before its address reaches the extension (device, dtype, shape, unit
 column stride — a strided view is copied — and element alignment); the extension picks its
 16-byte-vector or scalar kernel variant from the actual pointer alignment and strides, so a
-misaligned view runs slower, never wrong. Inputs it cannot take (more than 16 specialists, an
-fp64 output) go to the torch implementation with a warning. Kernels run on the current stream of
+misaligned view runs slower, never wrong. Inputs it cannot take (more than 16 specialists, fp64
+weights) go to the torch implementation with a warning. Kernels run on the current stream of
 the tensors' device; CUDA errors come back as RuntimeError naming the kernel and the cause
 (``R2M_CUDA_SYNC=1`` also synchronizes after each launch to catch asynchronous faults there).
 
@@ -111,8 +111,8 @@ def _check_weights(weights: Weights, op: str) -> None:
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"{op}: weights[{i}] must be a torch.Tensor, got {type(w).__name__}")
-        if w.dtype not in _DTYPE_CODES:
-            raise TypeError(f"{op}: weights[{i}] has dtype {w.dtype}; the CUDA kernels take float32, bfloat16 or float16")
+        if not w.is_floating_point():
+            raise TypeError(f"{op}: weights[{i}] has dtype {w.dtype}; the layer operations take floating tensors")
         if w.dtype != first.dtype:
             raise TypeError(f"{op}: weights[{i}] has dtype {w.dtype} but weights[0] has {first.dtype}")
         if w.shape != first.shape:
@@ -205,7 +205,8 @@ def gram_sketch(
     """Gram matrix of the layer's task vectors and, optionally, their sketches (CUDA kernels).
 
     Args:
-        weights: N+1 CUDA tensors of one shape (m, n) and dtype fp32/bf16/fp16; 1-D tensors are one
+        weights: N+1 CUDA tensors of one shape (m, n) and dtype fp32/bf16/fp16 (fp64: torch
+            fallback with a warning); 1-D tensors are one
             row, tensors of more dims are (prod(shape[:-1]), shape[-1]) for the sketch.
         omega: (n, s) test matrix (fp32: fp32 SIMT kernel; or bf16 for a product at bf16 precision:
             τ is formed in fp32 and rounded to bf16, then bf16 tensor-core products with fp32
@@ -232,6 +233,9 @@ def gram_sketch(
     n_tasks = len(weights) - 1
     if n_tasks > _MAX_TASKS:
         _fallback("gram_sketch", f"{n_tasks} specialists (the kernels take at most {_MAX_TASKS})")
+        return ops_torch.gram_sketch(weights, omega)
+    if weights[0].dtype not in _DTYPE_CODES:
+        _fallback("gram_sketch", f"weights of dtype {weights[0].dtype} (the kernels read float32, bfloat16, float16)")
         return ops_torch.gram_sketch(weights, omega)
 
     base = weights[0]
@@ -286,7 +290,8 @@ def accumulate(
         coeffs: (N,) coefficients a (a tensor on any device, or a sequence of floats); zero terms
             are skipped, as in the torch contract.
         left: (m, K) or None; right: (n, K) or None (both or neither); fp32 (others are widened).
-        out_dtype: float32, bfloat16 or float16 (others go to the torch implementation).
+        out_dtype: float32, bfloat16 or float16 written by the kernel; float64 is the fp32 result
+            widened, as in the torch contract.
 
     Returns:
         a tensor of weights[0]'s shape and out_dtype on the weights' device, each element written once.
@@ -320,18 +325,25 @@ def accumulate(
         k = left.shape[1]
         named += [("left", left), ("right", right)]
     device = _check_device(named, "accumulate")
-    if out_dtype not in _DTYPE_CODES:
-        _fallback("accumulate", f"output dtype {out_dtype} (the kernels write float32, bfloat16 or float16)")
-        return ops_torch.accumulate(weights, torch.tensor(coeff_list, dtype=torch.float64), left, right, out_dtype)
     terms = [(a, w) for a, w in zip(coeff_list, weights[1:]) if a != 0.0]
-    if len(terms) > _MAX_TASKS:
-        _fallback("accumulate", f"{len(terms)} non-zero terms (the kernels take at most {_MAX_TASKS})")
-        return ops_torch.accumulate(weights, torch.tensor(coeff_list, dtype=torch.float64), left, right, out_dtype)
+    why = None
+    if weights[0].dtype not in _DTYPE_CODES:
+        why = f"weights of dtype {weights[0].dtype} (the kernels read float32, bfloat16, float16)"
+    elif not out_dtype.is_floating_point:
+        why = f"output dtype {out_dtype} (the kernels write floating dtypes)"
+    elif len(terms) > _MAX_TASKS:
+        why = f"{len(terms)} non-zero terms (the kernels take at most {_MAX_TASKS})"
+    if why is not None:
+        _fallback("accumulate", why)
+        coeffs64 = torch.tensor(coeff_list, dtype=torch.float64)
+        return ops_torch.accumulate(weights, coeffs64, left, right, out_dtype)
+    # The contract computes in fp32 and casts once: a wider output (fp64) is the fp32 result widened.
+    kernel_dtype = out_dtype if out_dtype in _DTYPE_CODES else torch.float32
 
     used = [weights[0]] + [w for _, w in terms]
-    out = torch.empty(shape, dtype=out_dtype, device=device)
+    out = torch.empty(shape, dtype=kernel_dtype, device=device)
     if out.numel() == 0:
-        return out
+        return out.to(out_dtype)
     index = _device_index(device)
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -343,7 +355,7 @@ def accumulate(
             ext.accumulate(
                 [m.data_ptr() for m in mats], [m.stride(0) for m in mats], [a for a, _ in terms], rows, cols,
                 _DTYPE_CODES[weights[0].dtype], lm.data_ptr(), lm.stride(0), rm.data_ptr(), rm.stride(0), k,
-                out.data_ptr(), _DTYPE_CODES[out_dtype], 1, index, stream,
+                out.data_ptr(), _DTYPE_CODES[kernel_dtype], 1, index, stream,
             )
         else:
             mats = _flat_view(used) or [_rows_view(w, f"weights[{i}]", "accumulate") for i, w in enumerate(used)]
@@ -351,10 +363,10 @@ def accumulate(
             grid = _persistent_grid(device, rows * math.ceil(cols / (16 // weights[0].element_size())))
             ext.accumulate(
                 [m.data_ptr() for m in mats], [m.stride(0) for m in mats], [a for a, _ in terms], rows, cols,
-                _DTYPE_CODES[weights[0].dtype], 0, 0, 0, 0, 0, out.data_ptr(), _DTYPE_CODES[out_dtype], grid,
+                _DTYPE_CODES[weights[0].dtype], 0, 0, 0, 0, 0, out.data_ptr(), _DTYPE_CODES[kernel_dtype], grid,
                 index, stream,
             )
-    return out
+    return out if kernel_dtype == out_dtype else out.to(out_dtype)
 
 
 # ------------------------------------------------------------------ delegated to Triton (or torch)

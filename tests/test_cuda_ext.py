@@ -114,7 +114,7 @@ def _family(shape=(6, 10), n=2, dtype=torch.float32):
     "case, exc, pattern",
     [
         ("shape", ValueError, r"weights\[2\] has shape \(6, 11\)"),
-        ("fp64", TypeError, r"weights\[0\] has dtype torch.float64"),
+        ("integer", TypeError, r"weights\[0\] has dtype torch.int32"),
         ("mixed dtype", TypeError, r"weights\[1\] has dtype torch.float16"),
         ("not a tensor", TypeError, r"weights\[1\] must be a torch.Tensor"),
         ("one weight", ValueError, r"weights needs θ₀ and at least one specialist"),
@@ -128,8 +128,8 @@ def test_gram_sketch_validation_names_the_tensor(wrapper, case, exc, pattern):
     omega = torch.randn(10, 4)
     if case == "shape":
         weights[2] = torch.zeros(6, 11)
-    elif case == "fp64":
-        weights = [w.double() for w in weights]
+    elif case == "integer":
+        weights = [w.to(torch.int32) for w in weights]
     elif case == "mixed dtype":
         weights[1] = weights[1].half()
     elif case == "not a tensor":
@@ -374,6 +374,24 @@ def test_accumulate_all_zero_coefficients_and_sixteen_specialists(cuda):
     coeffs = torch.linspace(-1, 1, 16)
     left, right = _low_rank_factors(33, 47, 5, 1e-3)
     _check_accumulate(weights, coeffs, left, right, torch.float16)
+
+
+@gpu
+@pytest.mark.gpu
+def test_fp64_output_and_fp64_weights(cuda):
+    """fp64 output: the fp32 result widened (as the contract); fp64 weights: torch, with a warning."""
+    weights = _gpu_family(2, (33, 47), torch.float32, seed=11)
+    left, right = _low_rank_factors(33, 47, 6, 1e-3)
+    out = cuda.accumulate(weights, torch.tensor([0.4, 0.6]), left, right, torch.float64)
+    ref = ops_torch.accumulate(weights, torch.tensor([0.4, 0.6]), left, right, torch.float64)
+    assert out.dtype == torch.float64
+    assert_close_verbose(out, ref, 1e-5 * ref.abs().max().item(), 1e-5, "accumulate fp64", reduce_dim=6)
+    wide = [w.double() for w in weights]
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        gram, _ = cuda.gram_sketch(wide, None)
+    torch.testing.assert_close(gram, ops_torch.gram_sketch(wide, None)[0])
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        cuda.accumulate(wide, torch.tensor([0.4, 0.6]), None, None, torch.float64)
 
 
 @gpu
