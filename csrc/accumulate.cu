@@ -5,8 +5,10 @@
 //
 // combine kernel (no L Rᵀ; memory-bound): persistent grid-stride loop over 16-byte chunks, all
 // N+1 loads of a chunk issued before the arithmetic, streaming stores of the cast result.
-// accumulate_gemm kernel: the 64x64x16 fp32 SIMT GEMM of gemm_tile.cuh (fp32 FMA: ~1e-6 relative,
-// inside the 1e-5 contract) with the linear combination of the weight tiles in its epilogue.
+// accumulate_mma kernel (default): L Rᵀ on tensor cores in 3xTF32 (accumulate_mma.cuh, ~1e-6
+// relative) with the linear combination of the weight tiles in its epilogue. accumulate_gemm kernel
+// (R2M_CUDA_ACCUMULATE_MMA=0): the same on the 64x64x16 fp32 SIMT GEMM of gemm_tile.cuh.
+#include "accumulate_mma.cuh"
 #include "gemm_tile.cuh"
 
 namespace r2m {
@@ -120,12 +122,47 @@ __global__ void __launch_bounds__(kGemmThreads) accumulate_gemm_kernel(WeightPtr
   }
 }
 
+template <typename T, typename TO, bool LVEC>
+__global__ void __launch_bounds__(kAccThreads) accumulate_mma_kernel(WeightPtrs w, Coeffs a, int n, int64_t rows,
+                                                                    int64_t cols, const float* __restrict__ left,
+                                                                    int64_t ld_left, const float* __restrict__ right,
+                                                                    int64_t ld_right, int64_t k_total,
+                                                                    TO* __restrict__ out) {
+  __shared__ __align__(16) AccSmem sm;
+  const int64_t col0 = int64_t(blockIdx.x) * kAccN;
+  const int64_t row_tiles = (rows + kAccM - 1) / kAccM;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp >> 1, wn = warp & 1;
+  const int grp = lane >> 2, tig = lane & 3;
+  for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+    const int64_t row0 = rt * kAccM;
+    float acc[2][4][4];
+    lrt_mma_mainloop<LVEC>(left, ld_left, right, ld_right, rows, cols, k_total, row0, col0, sm, acc);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t r = row0 + wm * 32 + mi * 16 + grp + 8 * half;
+        if (r >= rows) continue;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int64_t c = col0 + wn * 32 + ni * 8 + tig * 2 + e;
+            if (c < cols) out[r * cols + c] = from_float<TO>(combine_scalar<T>(w, a, n, r, c) + acc[mi][ni][2 * half + e]);
+          }
+        }
+      }
+    }
+  }
+}
+
 void accumulate(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& strides,
                 const std::vector<double>& coeffs, int64_t rows, int64_t cols, int dtype, uintptr_t left,
                 int64_t left_stride, uintptr_t right, int64_t right_stride, int64_t k, uintptr_t out, int out_dtype,
-                int grid, int device, uintptr_t stream_handle) {
+                int grid, bool use_mma, int device, uintptr_t stream_handle) {
   const bool gemm = k > 0;
-  const char* kname = gemm ? "accumulate_gemm_kernel" : "combine_kernel";
+  const char* kname = gemm ? (use_mma ? "accumulate_mma_kernel" : "accumulate_gemm_kernel") : "combine_kernel";
   // θ₀ alone (every coefficient zero) is allowed: the wrapper drops zero terms.
   if (weights.empty()) fail(kname, "need θ₀");
   if (weights.size() > size_t(kMaxTasks + 1)) fail(kname, "at most " + std::to_string(kMaxTasks) + " specialists");
@@ -152,20 +189,32 @@ void accumulate(const std::vector<uintptr_t>& weights, const std::vector<int64_t
     if (left == 0 || right == 0) fail(kname, "left/right is a null pointer");
     if (!aligned(left, 4) || !aligned(right, 4)) fail(kname, "left/right must be 4-byte aligned");
     const bool lvec = aligned(left, 16) && aligned(right, 16) && left_stride % 4 == 0 && right_stride % 4 == 0;
-    const int64_t row_tiles = (rows + kTileM - 1) / kTileM;
-    const int64_t col_tiles = (cols + kTileN - 1) / kTileN;
+    const int64_t tile_m = use_mma ? kAccM : kTileM, tile_n = use_mma ? kAccN : kTileN;
+    const int64_t row_tiles = (rows + tile_m - 1) / tile_m;
+    const int64_t col_tiles = (cols + tile_n - 1) / tile_n;
     if (col_tiles > 0x7fffffff) fail(kname, "too many column tiles");
     dim3 g(unsigned(col_tiles), unsigned(row_tiles < 65535 ? row_tiles : 65535));
     const float* L = reinterpret_cast<const float*>(left);
     const float* R = reinterpret_cast<const float*>(right);
-    R2M_DISPATCH_DTYPE(dtype, T, kname, {
-      R2M_DISPATCH_DTYPE(out_dtype, TO, kname, {
-        R2M_BOOL_SWITCH(lvec, LVEC, {
-          accumulate_gemm_kernel<T, TO, LVEC><<<g, kGemmThreads, 0, stream>>>(
-              w, a, n, rows, cols, L, left_stride, R, right_stride, k, reinterpret_cast<TO*>(out));
+    if (use_mma) {
+      R2M_DISPATCH_DTYPE(dtype, T, kname, {
+        R2M_DISPATCH_DTYPE(out_dtype, TO, kname, {
+          R2M_BOOL_SWITCH(lvec, LVEC, {
+            accumulate_mma_kernel<T, TO, LVEC><<<g, kAccThreads, 0, stream>>>(
+                w, a, n, rows, cols, L, left_stride, R, right_stride, k, reinterpret_cast<TO*>(out));
+          });
         });
       });
-    });
+    } else {
+      R2M_DISPATCH_DTYPE(dtype, T, kname, {
+        R2M_DISPATCH_DTYPE(out_dtype, TO, kname, {
+          R2M_BOOL_SWITCH(lvec, LVEC, {
+            accumulate_gemm_kernel<T, TO, LVEC><<<g, kGemmThreads, 0, stream>>>(
+                w, a, n, rows, cols, L, left_stride, R, right_stride, k, reinterpret_cast<TO*>(out));
+          });
+        });
+      });
+    }
   } else {
     if (grid < 1 || grid > (1 << 20)) fail(kname, "grid must be in [1, 2^20], got " + std::to_string(grid));
     const int elems = int(16 / esize);

@@ -47,6 +47,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("accumulate", &r2m::accumulate, py::arg("weights"), py::arg("strides"), py::arg("coeffs"),
         py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("left"), py::arg("left_stride"),
         py::arg("right"), py::arg("right_stride"), py::arg("k"), py::arg("out"), py::arg("out_dtype"),
-        py::arg("grid"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("grid"), py::arg("use_mma"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
         "out (rows, cols) = θ₀ + Σ aⱼ (θⱼ − θ₀) [+ L Rᵀ], fp32 arithmetic, cast once.");
 }

@@ -44,9 +44,10 @@ void sketch(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& s
 
 // out = θ₀ + Σⱼ aⱼ (θⱼ − θ₀) [+ L Rᵀ], fp32 arithmetic, cast once to out_dtype; out (rows, cols)
 // contiguous. left (rows, K) / right (cols, K) fp32 with row strides; K == 0 means no product.
+// use_mma: L Rᵀ on tensor cores in 3xTF32 (fp32-class accuracy), else fp32 SIMT FMA.
 void accumulate(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& strides,
                 const std::vector<double>& coeffs, int64_t rows, int64_t cols, int dtype,
                 uintptr_t left, int64_t left_stride, uintptr_t right, int64_t right_stride,
-                int64_t k, uintptr_t out, int out_dtype, int grid, int device, uintptr_t stream);
+                int64_t k, uintptr_t out, int out_dtype, int grid, bool use_mma, int device, uintptr_t stream);
 
 }  // namespace r2m

@@ -188,10 +188,11 @@ def _fallback(op: str, why: str) -> None:
     )
 
 
-def _use_mma() -> bool:
-    """bf16 tensor cores for a bf16 Ω's sketch (R2M_CUDA_SKETCH_MMA=0: the fp32 SIMT kernel instead,
-    same rounding of τ, for comparison)."""
-    return os.environ.get("R2M_CUDA_SKETCH_MMA", "1") not in ("", "0")
+def _env_flag(name: str) -> bool:
+    """Tensor-core kernel switches, on by default; =0 selects the fp32 SIMT kernel (same results to
+    rounding), for comparison or bisection. R2M_CUDA_SKETCH_MMA: bf16 mma.sync for a bf16 Ω's sketch;
+    R2M_CUDA_ACCUMULATE_MMA: 3xTF32 mma.sync for the L Rᵀ of accumulate."""
+    return os.environ.get(name, "1") not in ("", "0")
 
 
 def _device_index(device: torch.device) -> int:
@@ -267,7 +268,7 @@ def gram_sketch(
             if rows > 0 and s > 0 and cols > 0:
                 ext.sketch(
                     [m.data_ptr() for m in mats], [m.stride(0) for m in mats], rows, cols, dtype_code,
-                    om.data_ptr(), om.stride(0), s, out.data_ptr(), omega.dtype == torch.bfloat16, _use_mma(),
+                    om.data_ptr(), om.stride(0), s, out.data_ptr(), omega.dtype == torch.bfloat16, _env_flag("R2M_CUDA_SKETCH_MMA"),
                     index, stream,
                 )
             else:
@@ -284,6 +285,10 @@ def accumulate(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The merged layer θ₀ + Σⱼ aⱼ (θⱼ − θ₀) + L Rᵀ in fp32, cast once (CUDA kernels).
+
+    L Rᵀ runs on tensor cores in 3xTF32 (~1e-6 relative, fp32-class; R2M_CUDA_ACCUMULATE_MMA=0 for
+    fp32 SIMT FMA) with the combination of the weights in the GEMM's epilogue; without L Rᵀ a
+    memory-bound elementwise kernel (16-byte loads and stores, persistent grid) writes the result.
 
     Args:
         weights: N+1 CUDA tensors of one shape and dtype fp32/bf16/fp16 ((m, n) when left is given).
@@ -355,7 +360,7 @@ def accumulate(
             ext.accumulate(
                 [m.data_ptr() for m in mats], [m.stride(0) for m in mats], [a for a, _ in terms], rows, cols,
                 _DTYPE_CODES[weights[0].dtype], lm.data_ptr(), lm.stride(0), rm.data_ptr(), rm.stride(0), k,
-                out.data_ptr(), _DTYPE_CODES[kernel_dtype], 1, index, stream,
+                out.data_ptr(), _DTYPE_CODES[kernel_dtype], 1, _env_flag("R2M_CUDA_ACCUMULATE_MMA"), index, stream,
             )
         else:
             mats = _flat_view(used) or [_rows_view(w, f"weights[{i}]", "accumulate") for i, w in enumerate(used)]
@@ -364,7 +369,7 @@ def accumulate(
             ext.accumulate(
                 [m.data_ptr() for m in mats], [m.stride(0) for m in mats], [a for a, _ in terms], rows, cols,
                 _DTYPE_CODES[weights[0].dtype], 0, 0, 0, 0, 0, out.data_ptr(), _DTYPE_CODES[kernel_dtype], grid,
-                index, stream,
+                False, index, stream,
             )
     return out if kernel_dtype == out_dtype else out.to(out_dtype)
 

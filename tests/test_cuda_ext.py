@@ -313,11 +313,12 @@ def _check_accumulate(weights, coeffs, left, right, out_dtype):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("with_product", [False, True], ids=["no_LR", "LR"])
+@pytest.mark.parametrize("with_product", [False, "mma", "simt"], ids=["no_LR", "LR_3xtf32", "LR_simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("num_specialists", NUM_SPECIALISTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_accumulate_matches_torch(cuda, shape, num_specialists, dtype, with_product):
+def test_accumulate_matches_torch(cuda, monkeypatch, shape, num_specialists, dtype, with_product):
+    monkeypatch.setenv("R2M_CUDA_ACCUMULATE_MMA", "0" if with_product == "simt" else "1")
     weights = _gpu_family(num_specialists, shape, dtype, seed=6)
     coeffs = torch.linspace(0.9, -0.4, num_specialists, dtype=torch.float64)
     coeffs[-1] = 0.0  # a zero term is skipped, as in the torch contract
@@ -333,8 +334,10 @@ def test_accumulate_matches_torch(cuda, shape, num_specialists, dtype, with_prod
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mma", ["1", "0"], ids=["3xtf32", "simt"])
 @pytest.mark.parametrize("k", [0, 1, 16, 130, 4000])
-def test_accumulate_output_dtypes_and_ranks(cuda, out_dtype, k):
+def test_accumulate_output_dtypes_and_ranks(cuda, monkeypatch, out_dtype, k, mma):
+    monkeypatch.setenv("R2M_CUDA_ACCUMULATE_MMA", mma)
     weights = _gpu_family(3, (257, 1031), torch.bfloat16, seed=7)
     coeffs = torch.tensor([0.5, -0.25, 0.75])
     left = right = None
@@ -374,6 +377,21 @@ def test_accumulate_all_zero_coefficients_and_sixteen_specialists(cuda):
     coeffs = torch.linspace(-1, 1, 16)
     left, right = _low_rank_factors(33, 47, 5, 1e-3)
     _check_accumulate(weights, coeffs, left, right, torch.float16)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("mma", ["1", "0"], ids=["3xtf32", "simt"])
+def test_accumulate_product_is_fp32_accurate(cuda, monkeypatch, mma):
+    """L Rᵀ alone (θ₀ = θ₁ = 0) against fp64: ~1e-6 relative, far inside the 1e-5 contract (TF32
+    alone would be ~1e-3)."""
+    monkeypatch.setenv("R2M_CUDA_ACCUMULATE_MMA", mma)
+    zeros = [torch.zeros(300, 500, device="cuda") for _ in range(3)]
+    left, right = _low_rank_factors(300, 500, 700, 1.0, seed=12)
+    out = cuda.accumulate(zeros, torch.tensor([0.5, 0.5]), left, right, torch.float32)
+    exact = left.double() @ right.double().T
+    err = ((out.double() - exact).norm() / exact.norm()).item()
+    assert err < 1e-5, f"relative error of L Rᵀ {err:.3g}"
 
 
 @gpu
