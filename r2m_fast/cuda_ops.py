@@ -207,8 +207,8 @@ def gram_sketch(
 
     Args:
         weights: N+1 CUDA tensors of one shape (m, n) and dtype fp32/bf16/fp16 (fp64: torch
-            fallback with a warning); 1-D tensors are one
-            row, tensors of more dims are (prod(shape[:-1]), shape[-1]) for the sketch.
+            fallback with a warning); a 1-D tensor is one row, a tensor of more dims is
+            (prod(shape[:-1]), shape[-1]) for the sketch, as torch.matmul treats it.
         omega: (n, s) test matrix (fp32: fp32 SIMT kernel; or bf16 for a product at bf16 precision:
             τ is formed in fp32 and rounded to bf16, then bf16 tensor-core products with fp32
             accumulation), or None for the Gram alone.
@@ -268,8 +268,8 @@ def gram_sketch(
             if rows > 0 and s > 0 and cols > 0:
                 ext.sketch(
                     [m.data_ptr() for m in mats], [m.stride(0) for m in mats], rows, cols, dtype_code,
-                    om.data_ptr(), om.stride(0), s, out.data_ptr(), omega.dtype == torch.bfloat16, _env_flag("R2M_CUDA_SKETCH_MMA"),
-                    index, stream,
+                    om.data_ptr(), om.stride(0), s, out.data_ptr(), omega.dtype == torch.bfloat16,
+                    _env_flag("R2M_CUDA_SKETCH_MMA"), index, stream,
                 )
             else:
                 out.zero_()
