@@ -420,6 +420,70 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+def _bench(quick: bool = False) -> None:  # pragma: no cover - needs a GPU
+    """Times the CUDA ops beside ops_torch on one GPU (CUDA events, median of a few runs) and prints
+    ms, GB/s of the weights read and written, and TFLOP/s of the products."""
+    import statistics
+
+    device = torch.device("cuda")
+
+    def timed(fn, reps: int = 5) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return statistics.median(times)
+
+    shapes = [(768, 3072, 8, 86)] if quick else [(768, 3072, 8, 86), (4096, 4096, 4, 419), (4096, 11008, 2, 419)]
+    print(f"{'op':28s} {'shape':>16s} {'N':>2s} {'impl':>6s} {'ms':>9s} {'GB/s':>8s} {'TFLOP/s':>8s}")
+    for m, n, tasks, s in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        base = torch.randn(m, n, device=device, generator=g).bfloat16()
+        weights = [base] + [(base.float() + 1e-3 * torch.randn(m, n, device=device, generator=g)).bfloat16()
+                            for _ in range(tasks)]
+        read = (tasks + 1) * m * n * 2
+        omega16 = torch.randn(n, s, device=device, generator=g).bfloat16()
+        omega32 = omega16.float()
+        coeffs = torch.full((tasks,), 1.0 / tasks)
+        k = tasks * (s - 10)
+        left = torch.randn(m, k, device=device, generator=g) * 1e-3
+        right = torch.randn(n, k, device=device, generator=g)
+        cases = [
+            ("gram", lambda o: o.gram_sketch(weights, None), read, 0.0),
+            ("gram+sketch (bf16 omega)", lambda o: o.gram_sketch(weights, omega16), read, 2.0 * tasks * m * n * s),
+            ("gram+sketch (fp32 omega)", lambda o: o.gram_sketch(weights, omega32), read, 2.0 * tasks * m * n * s),
+            ("accumulate (no LR)", lambda o: o.accumulate(weights, coeffs, None, None, torch.bfloat16),
+             read + m * n * 2, 0.0),
+            (f"accumulate (K={k})", lambda o: o.accumulate(weights, coeffs, left, right, torch.bfloat16),
+             read + m * n * 2, 2.0 * m * n * k),
+        ]
+        for name, fn, nbytes, flops in cases:
+            for impl, mod in (("cuda", _this_module()), ("torch", ops_torch)):
+                ms = timed(lambda: fn(mod))
+                print(f"{name:28s} {f'{m}x{n}':>16s} {tasks:>2d} {impl:>6s} {ms:9.3f} "
+                      f"{nbytes / ms / 1e6:8.1f} {flops / ms / 1e9:8.1f}")
+        del weights, left, right
+        torch.cuda.empty_cache()
+
+
+def _this_module() -> ModuleType:
+    import sys
+
+    return sys.modules[__name__]
+
+
 if __name__ == "__main__":
+    import sys
+
     print(describe())
+    if "--bench" in sys.argv[1:]:
+        if unavailable_reason() is not None:
+            raise SystemExit(f"--bench needs the cuda backend: {unavailable_reason()}")
+        _bench(quick="--quick" in sys.argv[1:])
     raise SystemExit(0 if _ext is not None else 1)
