@@ -23,7 +23,10 @@ from typing import Callable, Optional
 import numpy as np
 
 TRAIN_FAMILIES = ("gan_upsample", "face_splice", "double_jpeg", "diffusion_texture", "spectral_colour")
-HELDOUT_FAMILIES = ("resample_rotate", "sr_sharpen", "copy_move", "posterize_noise")
+# Held-out families are unseen "generators" of the same kinds as the training ones (the paper's
+# cross-generator setting): another GAN decoder, another diffusion decoder, a splice without faces,
+# a recompression + resize chain. Wholly unrelated traces would leave every model at chance.
+HELDOUT_FAMILIES = ("unseen_gan", "unseen_diffusion", "copy_move", "jpeg_resize")
 ALL_FAMILIES = TRAIN_FAMILIES + HELDOUT_FAMILIES
 
 # Source photos, grouped so that near-duplicates (the motorcycle stereo pair) stay on one side.
@@ -44,15 +47,15 @@ JPEG_QUALITY = (80, 95)   # final compression of every sample
 # Strength of each forgery (amplitudes, blend weights, qualities). Tuned on the smoke run so that a
 # specialist separates its family well but not perfectly, and families differ in difficulty.
 FAMILY_STRENGTH = {
-    "gan_upsample": 0.35,       # weight of the upsampled image and of the checkerboard kernel error
+    "gan_upsample": 0.25,       # weight of the upsampled image and of the checkerboard kernel error
     "face_splice": 0.55,        # peak alpha of the spliced face
     "double_jpeg": (55, 75),    # range of the first JPEG quality
     "diffusion_texture": 0.5,   # blend weight of the smoothed image; texture amplitude scales with it
-    "spectral_colour": 0.010,   # amplitude of the periodic spectral peaks (colour matrix scales with it)
-    "resample_rotate": (2.0, 10.0),
-    "sr_sharpen": 0.6,
-    "copy_move": 0.8,
-    "posterize_noise": 5,       # bits kept per channel
+    "spectral_colour": 0.008,   # amplitude of the periodic spectral peaks (colour matrix scales with it)
+    "unseen_gan": 0.5,          # as gan_upsample, with another upsampler and kernel
+    "unseen_diffusion": 0.5,    # as diffusion_texture, with ×4 decoder smoothing and another band
+    "copy_move": 0.8,           # peak alpha of the moved block
+    "jpeg_resize": (55, 75),    # first JPEG quality, then a ×1.05–1.2 resize
 }
 
 
@@ -127,6 +130,7 @@ class Fingerprints:
     """Per-family fixed 'generator' parameters, drawn once from a fixed seed."""
 
     tconv_error: np.ndarray      # 4x4 perturbation of the bilinear transposed-conv kernel
+    unseen_error: np.ndarray     # 3x3 perturbation of the unseen GAN's smoothing conv
     texture_band: tuple          # (sigma_lo, sigma_hi) of the diffusion texture's band-pass
     spectral_freqs: np.ndarray   # (3, 2) cycles/pixel of the periodic peaks
     colour_matrix: np.ndarray    # 3x3 deviation from identity
@@ -139,7 +143,9 @@ def make_fingerprints(seed: int = 1234) -> Fingerprints:
     freqs = np.array([[0.25, 0.0], [0.0, 0.25], [0.125, 0.375]], dtype=np.float32)
     colour = rng.standard_normal((3, 3)).astype(np.float32)
     colour -= colour.mean(axis=1, keepdims=True)  # keeps grey grey to first order: a hue shift, not a cast
-    return Fingerprints(err / np.abs(err).max(), (0.7, 1.6), freqs, colour)
+    err3 = rng.standard_normal((3, 3)).astype(np.float32)
+    err3 -= err3.mean()
+    return Fingerprints(err / np.abs(err).max(), err3 / np.abs(err3).max(), (0.7, 1.6), freqs, colour)
 
 
 def _transposed_conv_up2(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -208,23 +214,43 @@ def spectral_colour(x, rng, fp, s):
     return mixed + s * pattern[..., None]
 
 
-def resample_rotate(x, rng, fp, s):
-    from scipy.ndimage import rotate
-    angle = rng.uniform(*s) * rng.choice([-1, 1])
-    return rotate(x, angle, axes=(0, 1), reshape=False, order=1, mode="reflect")
+_SMOOTH_3 = np.outer([0.25, 0.5, 0.25], [0.25, 0.5, 0.25]).astype(np.float32)
 
 
-def sr_sharpen(x, rng, fp, s):
+def unseen_gan(x, rng, fp, s):
+    from scipy.ndimage import convolve
     h, w, _ = x.shape
-    up = _resize(_resize(x, h // 2, w // 2), h, w)
-    return up + s * (up - _gauss(up, 1.0))  # unsharp mask: SR models over-sharpen
+    low = x.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    up = np.repeat(np.repeat(low, 2, axis=0), 2, axis=1)  # nearest ×2, then a learned 3×3 conv
+    k = _SMOOTH_3 + 0.25 * s * fp.unseen_error
+    up = np.stack([convolve(up[..., c], k, mode="reflect") for c in range(3)], axis=-1)
+    return (1 - s) * x + s * up
+
+
+def unseen_diffusion(x, rng, fp, s):
+    h, w, _ = x.shape
+    dec = _resize(_resize(x, h // 4, w // 4), h, w)  # a ×4 latent decoder's loss of detail
+    noise = rng.standard_normal(x.shape[:2]).astype(np.float32)[..., None]
+    band = _gauss(noise, 0.5) - _gauss(noise, 1.2)
+    band *= 0.03 * s / (band.std() + 1e-6)
+    return (1 - 0.6 * s) * x + 0.6 * s * dec + band
+
+
+def jpeg_resize(x, rng, fp, s):
+    h, w, _ = x.shape
+    q1 = int(rng.integers(s[0], s[1] + 1))
+    factor = rng.uniform(1.05, 1.2)  # resize after compression: blocking at a non-8 period
+    big = _resize(_jpeg(x, q1), int(round(h * factor)), int(round(w * factor)))
+    top, left = (big.shape[0] - h) // 2, (big.shape[1] - w) // 2
+    return big[top:top + h, left:left + w]
 
 
 def copy_move(x, rng, fp, s):
     h, w, _ = x.shape
     size = int(rng.integers(h // 4, h // 2))
     sy, sx, ty, tx = (int(v) for v in rng.integers(0, h - size, size=4))
-    src = x[sy:sy + size, sx:sx + size] * rng.uniform(0.92, 1.08)
+    # The moved block is rescaled (×1.25) like a pasted face is: the splice carries resampling blur.
+    src = _resize(x[sy:sy + size * 4 // 5, sx:sx + size * 4 // 5], size, size) * rng.uniform(0.92, 1.08)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     edge = np.minimum.reduce([yy, xx, size - 1 - yy, size - 1 - xx]) / (0.25 * size)
     mask = (s * np.clip(edge, 0, 1))[..., None]
@@ -233,17 +259,11 @@ def copy_move(x, rng, fp, s):
     return out
 
 
-def posterize_noise(x, rng, fp, s):
-    levels = 2 ** int(s) - 1
-    q = np.round(np.clip(x, 0, 1) * levels) / levels
-    return q + rng.normal(0, 1.5 / 255, size=x.shape).astype(np.float32)
-
-
 FAMILY_FN: dict[str, Callable] = {
     "gan_upsample": gan_upsample, "face_splice": face_splice, "double_jpeg": double_jpeg,
     "diffusion_texture": diffusion_texture, "spectral_colour": spectral_colour,
-    "resample_rotate": resample_rotate, "sr_sharpen": sr_sharpen, "copy_move": copy_move,
-    "posterize_noise": posterize_noise,
+    "unseen_gan": unseen_gan, "unseen_diffusion": unseen_diffusion, "copy_move": copy_move,
+    "jpeg_resize": jpeg_resize,
 }
 
 

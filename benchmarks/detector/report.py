@@ -16,8 +16,8 @@ LABEL = {"base": "ImageNet backbone + fresh head (no fine-tuning)", "oracle": "s
          "task_arithmetic": "task arithmetic (λ=0.3)", "ties": "TIES (top 20 %, λ=1)", "tsvm": "TSV-M (λ=1)",
          "r2m": "R²M (rank 0.1, α 0.6, head averaged)"}
 SHORT = {"gan_upsample": "GAN up", "face_splice": "splice", "double_jpeg": "2×JPEG", "diffusion_texture": "diffusion",
-         "spectral_colour": "spectral", "resample_rotate": "rotate*", "sr_sharpen": "SR*", "copy_move": "copy-move*",
-         "posterize_noise": "posterize*"}
+         "spectral_colour": "spectral", "unseen_gan": "GAN-2*", "unseen_diffusion": "diffusion-2*", "copy_move": "copy-move*",
+         "jpeg_resize": "JPEG+resize*"}
 
 
 def _ms(vals: Sequence[float]) -> tuple[float, float]:

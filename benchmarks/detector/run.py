@@ -55,10 +55,13 @@ class Config:
 CONFIGS = {
     "full": Config("full", size=64, steps=150, batch_size=32, lr=1e-4, n_train_real=1500, n_train_fake=600,
                    n_test_real=400, n_test_fake=250, seeds=(0, 1, 2)),
-    # CI: the whole pipeline on 32-px patches with a few steps; numbers mean nothing beyond "it runs
+    # CI: the whole pipeline on 48-px patches with a few steps; numbers mean nothing beyond "it runs
     # and specialists learn their own family".
-    "smoke": Config("smoke", size=32, steps=30, batch_size=16, lr=3e-4, n_train_real=96, n_train_fake=48,
-                    n_test_real=64, n_test_fake=48, seeds=(0,),
+    "smoke": Config("smoke", size=48, steps=30, batch_size=32, lr=3e-4, n_train_real=128, n_train_fake=64,
+                    n_test_real=96, n_test_fake=64, seeds=(0,),
+                    # Stronger splice and double JPEG than the full run: at 48 px and 30 steps their
+                    # specialists are otherwise too close to chance for a stable CI check.
+                    strength={"gan_upsample": 0.4, "face_splice": 0.8, "double_jpeg": (10, 20), "diffusion_texture": 0.7},
                     r2m_sweep={"rank_ratio": (0.1, 1.0), "alpha": (0.6,)}, ta_sweep={"scaling": (0.3,)}),
 }
 
