@@ -206,6 +206,9 @@ def write(out_dir: str, meta: dict, seeds: list[dict], plots: bool = True) -> No
 
 
 def _plots(out_dir: str, seeds, st) -> None:
+    # matplotlib's font cache goes to the repo's ignored build/ folder, not the user's home.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(repo, "build", "detector-mplconfig"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

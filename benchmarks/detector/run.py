@@ -62,7 +62,9 @@ CONFIGS = {
                     # Stronger splice and double JPEG than the full run: at 48 px and 30 steps their
                     # specialists are otherwise too close to chance for a stable CI check.
                     strength={"gan_upsample": 0.4, "face_splice": 0.8, "double_jpeg": (10, 20), "diffusion_texture": 0.7},
-                    r2m_sweep={"rank_ratio": (0.1, 1.0), "alpha": (0.6,)}, ta_sweep={"scaling": (0.3,)}),
+                    r2m_sweep={"rank_ratio": (0.1, 1.0), "alpha": (0.6,)}, ta_sweep={"scaling": (0.3,)},
+                    # One thread: on a shared 2-core runner two threads measured up to 3× slower here.
+                    threads=1),
 }
 
 
