@@ -159,6 +159,10 @@ def write(out_dir: str, meta: dict, seeds: list[dict], plots: bool = True) -> No
         f"source images never used in training. Wall time {meta.get('total_seconds', 0) / 60:.1f} min on "
         f"{meta['threads']} threads (torch {meta['torch']}). Command: `{meta['command']}`.",
         "",
+        *([f"Trained specialists and joint models were loaded from an earlier run of this configuration "
+           f"(`--reuse-training`, seeds {[s['seed'] for s in seeds if s.get('reused_training')]}); the merges and "
+           "every evaluation were redone. Training times in the Time table are then load times.", ""]
+          if any(s.get("reused_training") for s in seeds) else []),
         "AUC (real vs each forgery family), mean ± std over seeds. * = held-out family no specialist saw.", "",
         "## Headline", "",
         *_table_families(st["rows"]), "",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -79,7 +80,15 @@ def _mean(d: dict[str, float], keys) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def run_seed(cfg: Config, seed: int, log) -> dict[str, Any]:
+def _cache_path(cfg: Config, seed: int) -> str:
+    """Trained models of one seed, keyed by everything that determines them, in the ignored build/."""
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "seeds", "r2m_sweep", "ta_sweep", "threads")}
+    key["strength"] = dict(data.FAMILY_STRENGTH, **(cfg.strength or {}))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return os.path.join(REPO, "build", "detector-cache", f"seed{seed}-{digest}.pt")
+
+
+def run_seed(cfg: Config, seed: int, log, reuse: bool = False) -> dict[str, Any]:
     seed_everything(seed)
     t0 = time.perf_counter()
     ds = data.build_dataset(cfg.size, cfg.n_train_real, cfg.n_train_fake, cfg.n_test_real, cfg.n_test_fake,
@@ -96,18 +105,28 @@ def run_seed(cfg: Config, seed: int, log) -> dict[str, Any]:
 
     out["models"]["base"] = evaluate(base_sd)
 
+    cache = _cache_path(cfg, seed) if reuse else None
+    cached = torch.load(cache, weights_only=True) if cache and os.path.isfile(cache) else None
+    if cached is not None:
+        log(f"[seed {seed}] reusing trained specialists and joint model from {cache}")
+        out["reused_training"] = cache
     t = time.perf_counter()
     specs = {}
     for i, fam in enumerate(fams):
-        specs[fam] = train.finetune(base, ds["train"], [fam], cfg.steps, cfg.batch_size, cfg.lr, seed=seed * 100 + i)
+        specs[fam] = cached["specialists"][fam] if cached else train.finetune(
+            base, ds["train"], [fam], cfg.steps, cfg.batch_size, cfg.lr, seed=seed * 100 + i)
         out["models"][f"specialist:{fam}"] = evaluate(specs[fam])
         log(f"[seed {seed}] specialist {fam}: own-family AUC {out['models'][f'specialist:{fam}'][fam]:.3f}")
     out["times"]["specialists_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    joint = train.finetune(base, ds["train"], list(fams), cfg.steps * len(fams), cfg.batch_size, cfg.lr,
-                           seed=seed * 100 + 99)
+    joint = cached["joint"] if cached else train.finetune(
+        base, ds["train"], list(fams), cfg.steps * len(fams), cfg.batch_size, cfg.lr, seed=seed * 100 + 99)
     out["models"]["joint"] = evaluate(joint)
     out["times"]["joint_s"] = time.perf_counter() - t
+    if reuse and cached is None:
+        # Kept so a later run can redo every merge without retraining (e.g. when a method lands).
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        torch.save({"specialists": specs, "joint": joint}, cache)
     log(f"[seed {seed}] joint: mean ID AUC {_mean(out['models']['joint'], fams):.3f}")
     del joint
 
@@ -163,6 +182,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch threads (default 2)")
     parser.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}, smoke: <out>/smoke)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs (tables only)")
+    parser.add_argument("--reuse-training", action="store_true",
+                        help="save the trained specialists/joint model under build/detector-cache/ and, when a "
+                             "previous run with the same configuration saved them, load them instead of training "
+                             "(redoes every merge and evaluation)")
     args = parser.parse_args(argv)
 
     cfg = CONFIGS["smoke" if args.smoke else "full"]
@@ -191,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     seeds = []
     from benchmarks.detector import report  # matplotlib is imported lazily inside
     for seed in cfg.seeds:
-        seeds.append(run_seed(cfg, seed, log))
+        seeds.append(run_seed(cfg, seed, log, reuse=args.reuse_training))
         meta["total_seconds"] = time.perf_counter() - started
         meta["seeds_done"] = [s["seed"] for s in seeds]
         with open(os.path.join(out_dir, "results.json"), "w") as f:
