@@ -1,13 +1,14 @@
-"""Public entry point: r2m_fast.merge."""
+"""Public entry points: r2m_fast.merge (in memory) and r2m_fast.merge_files (streamed, on disk)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from r2m_fast.config import R2MConfig
-from r2m_fast.engine import DictSource, run_merge
+from r2m_fast.engine import DictSource
 from r2m_fast.plan import ModelLike
 from r2m_fast.result import MergeResult
 
@@ -17,23 +18,68 @@ def merge(
     specialists: Sequence[ModelLike],
     config: Optional[R2MConfig] = None,
     *,
+    method: str = "r2m",
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
     **overrides: Any,
 ) -> MergeResult:
-    """Merge specialists fine-tuned from `base` into one model by R²M.
+    """Merge specialists fine-tuned from `base` into one model by R²M (or a baseline).
 
     Args:
         base: the pretrained model θ₀, a state dict (name → tensor) or an nn.Module.
         specialists: N ≥ 2 fine-tuned models of the same architecture (same names, shapes, dtypes).
-        config: an R2MConfig; keyword `overrides` replace its fields (e.g. ``rank_ratio=0.05``).
+        config: an R2MConfig. For ``method="r2m"`` keyword `overrides` replace its fields (e.g.
+            ``rank_ratio=0.05``); for a baseline only its ``out_dtype`` and ``head_prefix`` apply.
+        method: "r2m" (default), "average", "task_arithmetic", "ties" or "tsvm"
+            (see r2m_fast.baselines).
         device: where to compute (default: the base tensors' device); results go back to it too.
         progress: show a progress bar per pass.
+        overrides: R2MConfig fields for "r2m"; the method's options otherwise
+            (task_arithmetic: scaling=0.3; ties: density=0.2, scaling=1.0; tsvm: scaling=1.0).
+            An unknown name raises ValueError naming it.
 
     Returns:
         MergeResult with ``state_dict`` (same names, shapes and dtypes as the base unless
-        ``out_dtype``) and ``report`` (core_norm, eta, residual_norms, ranks, backend, seconds, …).
+        ``out_dtype``) and ``report`` (for R²M: core_norm, eta, residual_norms, ranks, backend,
+        seconds, …; for a baseline: method, options, seconds).
     """
-    config = (config or R2MConfig()).replace(**overrides) if overrides else (config or R2MConfig())
+    from r2m_fast.baselines import run_method
+
+    config = config or R2MConfig()
+    options: dict[str, Any] = {}
+    if method == "r2m":
+        config = config.replace(**overrides) if overrides else config
+    else:
+        options = overrides
     source = DictSource(base, specialists, device=torch.device(device) if device is not None else None)
-    return run_merge(source, config, progress=progress)
+    return run_method(source, config, method=method, options=options, progress=progress)
+
+
+def merge_files(
+    base: Union[str, "os.PathLike[str]"],
+    specialists: Sequence[Union[str, "os.PathLike[str]"]],
+    output: Union[str, "os.PathLike[str]"],
+    config: Optional[R2MConfig] = None,
+    *,
+    method: str = "r2m",
+    options: Optional[dict[str, Any]] = None,
+    prefix: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    shard_size: Union[int, str] = "5GB",
+    force: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge checkpoints on disk into the folder `output`, streaming one layer at a time.
+
+    Inputs are .safetensors files, Hugging Face style folders, or .pt/.pth/.bin state dicts (see
+    r2m_fast.io). The output folder gets model.safetensors (or shards and an index), the config it
+    ran with (merge_config.yaml) and a report (merge_report.json); it appears only when complete,
+    and an existing one is replaced only with ``force=True``. The returned MergeResult has an
+    empty state_dict (the tensors went to disk) and the report that was written.
+    """
+    from r2m_fast.io import merge_checkpoints
+
+    return merge_checkpoints(
+        base, specialists, output, config or R2MConfig(), method=method, options=options or {}, prefix=prefix,
+        device=device, shard_size=shard_size, force=force, progress=progress,
+    )

@@ -1,0 +1,237 @@
+"""Baseline merges in the same streaming engine as R²M: one pass over a LayerSource, one sink.
+
+Every baseline is local to a tensor, so each reads one parameter of the N+1 models, merges it and
+hands it to the sink before reading the next: the memory bound and the writer are R²M's.
+
+    average          θ* = (1/N) Σᵢ θᵢ                                   (= θ₀ + τ̄)
+    task_arithmetic  θ* = θ₀ + λ Σᵢ τᵢ                                   (Ilharco et al. 2023; λ "scaling")
+    ties             θ* = θ₀ + λ · disjoint_mean(sign_elect(trim_k(τᵢ)))  (Yadav et al. 2023, mergekit's
+                     "ties": per task keep the top ⌊density·P⌋ entries of |τᵢ|; elected sign = sign of
+                     the sum of the trimmed τᵢ (≥ 0 → +); mean over the tasks that agree with it)
+    tsvm             TSV-M (Gargiulo et al., CVPR 2025): per 2-D weight, each task keeps its top
+                     ⌊min(m, n)/N⌋ singular triplets; the concatenated U and V are orthogonalized
+                     by their polar factors (U⊥ = P Qᵀ from the SVD U = P S Qᵀ), merged τ = U⊥ Σ V⊥ᵀ;
+                     θ* = θ₀ + α τ. Other tensors (and matrices with min(m, n) < N) average τ.
+
+Integer and bool buffers are copied from the base; with ``head_prefix`` set, the head is averaged as
+in R²M so that the backbones are what is compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from r2m_fast.config import R2MConfig
+from r2m_fast.plan import check_finite
+from r2m_fast.result import MergeResult
+
+Sink = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class AverageOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class TaskArithmeticOptions:
+    scaling: float = 0.3  # λ
+
+
+@dataclass(frozen=True)
+class TiesOptions:
+    density: float = 0.2  # fraction of entries of each τᵢ kept per tensor
+    scaling: float = 1.0  # λ
+
+
+@dataclass(frozen=True)
+class TsvmOptions:
+    scaling: float = 1.0  # α
+
+
+METHOD_OPTIONS: dict[str, Optional[type]] = {
+    "r2m": None,  # R²M's options are R2MConfig fields
+    "average": AverageOptions,
+    "task_arithmetic": TaskArithmeticOptions,
+    "ties": TiesOptions,
+    "tsvm": TsvmOptions,
+}
+METHODS = tuple(METHOD_OPTIONS)
+# Every option name any baseline takes (the CLI and YAML accept them at top level).
+OPTION_NAMES = tuple(sorted({f.name for cls in METHOD_OPTIONS.values() if cls for f in dataclasses.fields(cls)}))
+
+
+def method_options(method: str, options: Optional[Mapping[str, Any]] = None) -> Any:
+    """The validated options object of a baseline; ValueError naming an unknown method or option."""
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cls = METHOD_OPTIONS[method]
+    options = dict(options or {})
+    if cls is None:
+        if options:
+            raise ValueError(f"method 'r2m': unknown option(s) {', '.join(sorted(options))} (R²M takes R2MConfig fields)")
+        return None
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"method {method!r}: unknown option(s) {', '.join(unknown)}; it takes {', '.join(sorted(known)) or 'none'}"
+        )
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"method {method!r}: option {name} must be a number, got {value!r}")
+    if "density" in options and not 0.0 < float(options["density"]) <= 1.0:
+        raise ValueError(f"method {method!r}: option density must be in (0, 1], got {options['density']!r}")
+    return cls(**{k: float(v) for k, v in options.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tensor rules (fp32 inputs, τ formed in fp32 before anything else; DESIGN §4)
+# ----------------------------------------------------------------------------------------------
+
+
+def _task_vectors(tensors: list[torch.Tensor], work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    base = tensors[0].to(work)
+    return base, torch.stack([t.to(work) - base for t in tensors[1:]])
+
+
+def merge_average(base: torch.Tensor, taus: torch.Tensor, options: AverageOptions) -> torch.Tensor:
+    return base + taus.mean(0)
+
+
+def merge_task_arithmetic(base: torch.Tensor, taus: torch.Tensor, options: TaskArithmeticOptions) -> torch.Tensor:
+    return base + options.scaling * taus.sum(0)
+
+
+def ties_trim(taus: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = ⌊density·P⌋ largest |τᵢ| entries of each task (at least one), zero the rest."""
+    flat = taus.reshape(taus.shape[0], -1)
+    numel = flat.shape[1]
+    if density >= 1.0 or numel == 0:
+        return taus
+    k = max(1, int(density * numel))  # mergekit asserts k > 0; one entry is the nearest sane answer
+    idx = flat.abs().topk(k, dim=1).indices
+    mask = torch.zeros_like(flat).scatter_(1, idx, 1.0)
+    return (flat * mask).reshape(taus.shape)
+
+
+def merge_ties(base: torch.Tensor, taus: torch.Tensor, options: TiesOptions) -> torch.Tensor:
+    trimmed = ties_trim(taus, options.density)
+    elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(trimmed.dtype)  # sign by total mass
+    agree = (torch.sign(trimmed) == elected).to(trimmed.dtype)   # zero entries agree with nothing
+    count = agree.sum(0)
+    mixed = (trimmed * agree).sum(0) / torch.where(count == 0, 1.0, count)
+    return base + options.scaling * mixed
+
+
+def tsvm_tau(taus: torch.Tensor) -> torch.Tensor:
+    """TSV-M's merged task vector of one 2-D weight from its N task vectors (N, m, n)."""
+    N, m, n = taus.shape
+    r = min(m, n) // N
+    if r == 0:
+        return taus.mean(0)
+    U, S, Vh = torch.linalg.svd(taus, full_matrices=False)
+    u = U[:, :, :r].permute(1, 0, 2).reshape(m, N * r)    # [U₁,r … U_N,r]   (m, N·r)
+    s = S[:, :r].reshape(N * r)
+    vh = Vh[:, :r, :].reshape(N * r, n)                    # [V₁,r … V_N,r]ᵀ (N·r, n)
+    pu, _, qu = torch.linalg.svd(u, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(vh, full_matrices=False)
+    return ((pu @ qu) * s) @ (pv @ qv)
+
+
+def merge_tsvm(base: torch.Tensor, taus: torch.Tensor, options: TsvmOptions) -> torch.Tensor:
+    tau = tsvm_tau(taus) if taus.dim() == 3 else taus.mean(0)
+    return base + options.scaling * tau
+
+
+_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]] = {
+    "average": merge_average,
+    "task_arithmetic": merge_task_arithmetic,
+    "ties": merge_ties,
+    "tsvm": merge_tsvm,
+}
+
+
+@torch.no_grad()
+def run_baseline(
+    source: Any,
+    method: str,
+    options: Any = None,
+    config: Optional[R2MConfig] = None,
+    sink: Optional[Sink] = None,
+    progress: bool = False,
+) -> MergeResult:
+    """One streaming pass of a baseline over a LayerSource (see r2m_fast.engine.LayerSource).
+
+    `options` is the method's options object or a mapping (validated by method_options); from
+    `config` only ``out_dtype`` and ``head_prefix`` apply. Without a sink the merged tensors are
+    returned in the result's state_dict.
+    """
+    if method not in _RULES:
+        raise ValueError(f"method: {method!r} is not a baseline; choose one of {', '.join(_RULES)}")
+    if options is None or isinstance(options, Mapping):
+        options = method_options(method, options)
+    config = config or R2MConfig()
+    rule = _RULES[method]
+    start = time.perf_counter()
+    out: dict[str, torch.Tensor] = {}
+    sink = sink or out.__setitem__
+    # fp64 where it is cheap (CPU) so the baselines are references in their own right; fp32 on GPUs.
+    work = torch.float64 if source.device.type == "cpu" else torch.float32
+    counts = {"merged": 0, "head": 0, "copy": 0}
+    specs = source.specs()
+    names = list(specs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        names = tqdm(names, desc=f"{method}: merged weights", unit="layer", leave=False)
+    for name in names:
+        shape, dtype = specs[name]
+        tensors = source.load(name)
+        if not dtype.is_floating_point:
+            sink(name, tensors[0].clone())
+            counts["copy"] += 1
+            continue
+        check_finite(name, tensors, source.labels)
+        base, taus = _task_vectors(tensors, work)
+        if config.head_prefix is not None and name.startswith(config.head_prefix):
+            merged = base + taus.mean(0)
+            counts["head"] += 1
+        else:
+            merged = rule(base, taus, options)
+            counts["merged"] += 1
+        sink(name, merged.to(config.out_dtype or dtype))
+        del tensors, base, taus, merged
+    seconds = time.perf_counter() - start
+    report = {
+        "method": method,
+        "options": dataclasses.asdict(options),
+        "device": str(source.device),
+        "compute_dtype": str(work).removeprefix("torch."),
+        "layers": counts,
+        "pass_seconds": {"merge": seconds},
+        "seconds": seconds,
+    }
+    return MergeResult(state_dict=out, report=report)
+
+
+def run_method(
+    source: Any,
+    config: Optional[R2MConfig] = None,
+    method: str = "r2m",
+    options: Optional[Mapping[str, Any]] = None,
+    sink: Optional[Sink] = None,
+    progress: bool = False,
+) -> MergeResult:
+    """R²M (the engine) or a baseline over a LayerSource, through the same sink."""
+    method_options(method, options)  # validates the method name and its options first
+    if method == "r2m":
+        from r2m_fast.engine import run_merge
+
+        return run_merge(source, config or R2MConfig(), sink=sink, progress=progress)
+    return run_baseline(source, method, options, config, sink=sink, progress=progress)

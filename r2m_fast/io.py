@@ -1,0 +1,730 @@
+"""Checkpoint I/O for streamed merges: lazy LayerSources over files and an atomic sharded writer.
+
+Inputs: a ``.safetensors`` file, a Hugging Face style folder (``model.safetensors``, or shards plus
+``model.safetensors.index.json``; ``pytorch_model.bin`` likewise), or a ``.pt``/``.pth``/``.bin``
+state dict. A merge holds one parameter of the N+1 models at a time.
+
+Why safetensors are read with positional reads and not kept memory-mapped: pages of a mapping count
+in the process RSS once touched and stay mapped until the mapping goes, so a merge that walks a
+mapped model three times ends with the whole model resident. Reading each tensor's bytes into a
+fresh buffer (one ``readinto`` per tensor, offsets from the header) costs the same copy a mapped
+read followed by ``clone`` would, and the buffer is freed as soon as the layer is done: peak RSS
+stays near one layer × (N+2). PyTorch pickles have no such index, so they are ``torch.load``-ed with
+``mmap=True`` and re-opened once the bytes touched pass a budget, which drops the mapping.
+
+Output: :class:`ShardedSafetensorsWriter` streams each tensor straight into its shard (the layout is
+known before the merge starts, so headers are written first and nothing is buffered), inside a
+temporary folder beside the target that is renamed into place only once complete and removed on any
+error or interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+
+from r2m_fast.config import R2MConfig
+from r2m_fast.plan import MergeInputError, check_compatible
+
+PathLike = Union[str, os.PathLike]
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Keys under which training scripts commonly wrap the state dict, tried in this order.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "ema", "params")
+DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes, the Hugging Face default ("5GB")
+# Bytes a mmapped .pt checkpoint may serve before it is re-opened so that touched pages are unmapped.
+PICKLE_REMAP_BYTES = 256 * 2**20
+CONFIG_FILE = "merge_config.yaml"
+REPORT_FILE = "merge_report.json"
+# Testing hook: seconds to sleep after each written tensor, so an interrupt can land mid-merge.
+SINK_DELAY_ENV = "R2M_SINK_DELAY_S"
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------
+
+
+class SafetensorsFile:
+    """One .safetensors file: the header parsed and validated on open, tensors read on demand."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._file = _open_for_reading(self.path)
+        try:
+            self.entries = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
+        size = os.fstat(self._file.fileno()).st_size
+        raw = self._file.read(8)
+        if len(raw) < 8:
+            raise MergeInputError(f"{self.path}: truncated or not a safetensors file ({size} bytes)")
+        header_len = int.from_bytes(raw, "little")
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise MergeInputError(
+                f"{self.path}: corrupt or truncated safetensors file (header of {header_len} bytes, file of {size})"
+            )
+        try:
+            header = json.loads(self._file.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("header is not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MergeInputError(f"{self.path}: corrupt safetensors header ({exc})") from None
+        data_start = 8 + header_len
+        data_size = size - data_start
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise MergeInputError(f"{self.path}: tensor {name!r} has a corrupt header entry {info!r}") from None
+            if end - begin != _nbytes(shape, dtype) or begin < 0:
+                raise MergeInputError(
+                    f"{self.path}: tensor {name!r}: header offsets {begin}..{end} do not fit shape {shape} {dtype}"
+                )
+            if end > data_size:
+                raise MergeInputError(
+                    f"{self.path}: truncated: tensor {name!r} needs {end} data bytes, the file holds {data_size}"
+                )
+            entries[name] = (shape, dtype, data_start + begin, end - begin)
+        return entries
+
+    def get(self, name: str) -> torch.Tensor:
+        shape, dtype, offset, nbytes = self.entries[name]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            try:
+                self._file.seek(offset)
+                got = self._file.readinto(view)
+            except OSError as exc:
+                raise MergeInputError(f"{self.path}: tensor {name!r}: read failed: {exc}") from None
+            if got != nbytes:
+                raise MergeInputError(f"{self.path}: truncated: tensor {name!r} read {got} of {nbytes} bytes")
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _open_for_reading(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise MergeInputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise MergeInputError(f"{path}: is a folder, expected a file") from None
+    except OSError as exc:
+        raise MergeInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+class Checkpoint:
+    """A model on disk: ``specs`` (name → (shape, dtype)) and ``get(name)`` → a CPU tensor it owns.
+
+    ``prefix`` keeps only the keys under it and strips it (``"backbone."`` turns
+    ``backbone.blocks.0.w`` into ``blocks.0.w``); the file and tensor names in errors are the
+    original ones.
+    """
+
+    path: Path
+    specs: Specs
+
+    def __init__(self, path: Path, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], prefix: Optional[str]):
+        self.path = path
+        self._keys: dict[str, str] = {}
+        for key in tensors:
+            if prefix is None:
+                self._keys[key] = key
+            elif key.startswith(prefix) and len(key) > len(prefix):
+                self._keys[key[len(prefix):]] = key
+        if prefix is not None and not self._keys:
+            sample = ", ".join(repr(k) for k in list(tensors)[:3])
+            raise MergeInputError(f"{path}: no tensor name starts with prefix {prefix!r} (names look like {sample})")
+        if not self._keys:
+            raise MergeInputError(f"{path}: holds no tensors")
+        self.specs = {name: tensors[key] for name, key in self._keys.items()}
+
+    def key(self, name: str) -> str:
+        return self._keys[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError  # every subclass reads its own format
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One file or several shards (name → shard from the index)."""
+
+    def __init__(self, path: Path, shard_of: Mapping[str, Path], prefix: Optional[str]):
+        self._shards: dict[Path, SafetensorsFile] = {}
+        try:
+            tensors, self._shard_of = {}, {}
+            for shard in dict.fromkeys(shard_of.values()):
+                st = self._open(shard)
+                for key, (shape, dtype, _, _) in st.entries.items():
+                    if shard_of.get(key) == shard:
+                        tensors[key] = (shape, dtype)
+                        self._shard_of[key] = shard
+            missing = [k for k, s in shard_of.items() if k not in tensors]
+            if missing:
+                raise MergeInputError(
+                    f"{path}: tensor {missing[0]!r} is listed in the index under {shard_of[missing[0]].name} "
+                    f"but that shard does not hold it ({len(missing)} missing)"
+                )
+            super().__init__(path, tensors, prefix)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, shard: Path) -> SafetensorsFile:
+        if shard not in self._shards:
+            self._shards[shard] = SafetensorsFile(shard)
+        return self._shards[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        return self._open(self._shard_of[key]).get(key)
+
+    def close(self) -> None:
+        for st in self._shards.values():
+            st.close()
+        self._shards.clear()
+
+
+class PickleCheckpoint(Checkpoint):
+    """A torch.save'd state dict (possibly wrapped, possibly sharded with a .bin index)."""
+
+    def __init__(self, path: Path, files: Sequence[Path], prefix: Optional[str], remap_bytes: int = PICKLE_REMAP_BYTES):
+        self._files = list(files)
+        self._remap_bytes = remap_bytes
+        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._touched: dict[Path, int] = {}
+        self._mmapped: dict[Path, bool] = {}
+        tensors, self._file_of = {}, {}
+        for file in self._files:
+            for key, value in self._load(file).items():
+                tensors[key] = (tuple(value.shape), value.dtype)
+                self._file_of[key] = file
+        super().__init__(path, tensors, prefix)
+
+    def _load(self, file: Path) -> dict[str, torch.Tensor]:
+        if file in self._loaded:
+            return self._loaded[file]
+        if not file.exists():
+            raise MergeInputError(f"{file}: no such file")
+        obj, mmapped = _torch_load(file)
+        self._loaded[file] = _find_state_dict(obj, file)
+        self._mmapped[file] = mmapped
+        self._touched[file] = 0
+        return self._loaded[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        file = self._file_of[key]
+        tensor = self._load(file)[key]
+        out = tensor.clone()  # own the bytes: the caller must not keep the mapping alive
+        self._touched[file] += out.nbytes
+        if self._touched[file] > self._remap_bytes and (self._mmapped[file] or len(self._files) > 1):
+            # Dropping every reference to a mapped checkpoint unmaps it, and the touched pages leave
+            # the RSS with it; the next get re-opens it (a pickle parse, no tensor data read).
+            del self._loaded[file]
+        return out
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+def _torch_load(file: Path) -> tuple[Any, bool]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True), True
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise MergeInputError(f"{file}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise MergeInputError(f"{file}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    # The legacy (non-zip) format cannot be mapped: it is read whole.
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True), False
+    except Exception as exc:
+        raise MergeInputError(f"{file}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _find_state_dict(obj: Any, file: Path, depth: int = 0) -> dict[str, torch.Tensor]:
+    """The name → tensor mapping in a loaded checkpoint, unwrapping {"state_dict": …}-style wrappers."""
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if depth < 3:
+            for key in WRAPPER_KEYS:
+                if isinstance(obj.get(key), Mapping):
+                    return _find_state_dict(obj[key], file, depth + 1)
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        raise MergeInputError(
+            f"{file}: no state dict found: entry {bad!r} is a {type(obj.get(bad)).__name__}, not a tensor, and "
+            f"none of the wrapper keys {WRAPPER_KEYS} holds one (keys: {keys})"
+        )
+    raise MergeInputError(f"{file}: holds a {type(obj).__name__}, not a state dict")
+
+
+def open_checkpoint(path: PathLike, prefix: Optional[str] = None) -> Checkpoint:
+    """Open a checkpoint lazily (headers only): a file or a Hugging Face style folder.
+
+    Raises MergeInputError naming the path for unreadable paths, unknown formats and corrupt files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MergeInputError(f"{path}: no such file or folder")
+    if not os.access(path, os.R_OK):
+        raise MergeInputError(f"{path}: permission denied")
+    if path.is_dir():
+        return _open_folder(path, prefix)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return SafetensorsCheckpoint(path, _single_shard(path), prefix)
+    if suffix in PICKLE_SUFFIXES:
+        return PickleCheckpoint(path, [path], prefix)
+    if suffix == ".json" and path.name.endswith(".index.json"):
+        return _open_index(path, prefix)
+    raise MergeInputError(
+        f"{path}: unknown checkpoint format {suffix or '(no suffix)'!r}; expected .safetensors, "
+        f"{', '.join(PICKLE_SUFFIXES)}, or a folder with {SAFETENSORS_SINGLE} / {SAFETENSORS_INDEX}"
+    )
+
+
+def _single_shard(path: Path) -> dict[str, Path]:
+    st = SafetensorsFile(path)
+    try:
+        return {key: path for key in st.entries}
+    finally:
+        st.close()
+
+
+def _open_folder(path: Path, prefix: Optional[str]) -> Checkpoint:
+    for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE):
+        if (path / name).exists():
+            return open_checkpoint(path / name, prefix)
+    candidates = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    if len(candidates) == 1:
+        return open_checkpoint(candidates[0], prefix)
+    raise MergeInputError(
+        f"{path}: folder holds neither {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} nor {BIN_INDEX}"
+        + (f" (and {len(candidates)} other .safetensors files)" if candidates else "")
+    )
+
+
+def _open_index(path: Path, prefix: Optional[str]) -> Checkpoint:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MergeInputError(f"{path}: corrupt index ({_first_line(exc)})") from None
+    shard_of = {key: path.parent / file for key, file in weight_map.items()}
+    for key, shard in shard_of.items():
+        if not shard.exists():
+            raise MergeInputError(f"{path}: tensor {key!r} is in shard {shard.name}, which does not exist")
+    if path.name.startswith("model.safetensors") or all(s.suffix == ".safetensors" for s in shard_of.values()):
+        return SafetensorsCheckpoint(path, shard_of, prefix)
+    return PickleCheckpoint(path, list(dict.fromkeys(shard_of.values())), prefix)
+
+
+class FileSource:
+    """A LayerSource over checkpoints on disk; labels are the input paths (for error messages)."""
+
+    def __init__(
+        self,
+        base: PathLike,
+        specialists: Sequence[PathLike],
+        device: Optional[Union[str, torch.device]] = None,
+        prefix: Optional[str] = None,
+    ):
+        self.paths = [Path(base)] + [Path(s) for s in specialists]
+        self.labels = [str(p) for p in self.paths]
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._checkpoints: list[Checkpoint] = []
+        try:
+            for path in self.paths:
+                self._checkpoints.append(open_checkpoint(path, prefix))
+            specs = [c.specs for c in self._checkpoints]
+            check_compatible(list(specs[0]), specs[0], specs[1:], self.labels[1:])
+        except BaseException:
+            self.close()
+            raise
+        self._specs = specs[0]
+
+    def specs(self) -> Specs:
+        return self._specs
+
+    def load(self, name: str) -> list[torch.Tensor]:
+        return [c.get(name).to(self.device) for c in self._checkpoints]
+
+    def close(self) -> None:
+        for c in self._checkpoints:
+            c.close()
+
+    def __enter__(self) -> "FileSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_state_dict(path: PathLike, prefix: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint in memory (for small models, tests and the in-memory API)."""
+    ckpt = open_checkpoint(path, prefix)
+    try:
+        return {name: ckpt.get(name) for name in ckpt.specs}
+    finally:
+        ckpt.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_size(value: Union[int, float, str]) -> int:
+    """Bytes from 5000000, "5GB" (10⁹), "500MiB" (2²⁰), "1.5G"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        size = int(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(value).lower())
+        if not match:
+            raise ValueError(f"shard_size: cannot read {value!r}; use bytes or e.g. '5GB', '500MB', '2GiB'")
+        number, unit, binary = match.groups()
+        base = 1024 if binary else 1000
+        size = int(float(number) * base ** " kmgt".index(unit or " "))
+    if size <= 0:
+        raise ValueError(f"shard_size: must be positive, got {value!r}")
+    return size
+
+
+def output_layout(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], out_dtype: Optional[torch.dtype]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every output tensor in write order: floats in out_dtype when set."""
+    return [
+        (name, tuple(shape), out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
+        for name, (shape, dtype) in specs.items()
+    ]
+
+
+def _header_bytes(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = _nbytes(shape, dtype)
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data 8-byte aligned, as the safetensors library writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the finished folder is moved into place (never half-renamed)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class ShardedSafetensorsWriter:
+    """A merge sink writing sharded safetensors atomically into `output` (a folder).
+
+    Use as a context manager; call it as ``writer(name, tensor)`` once per layout entry, in order;
+    ``add_text`` adds side files; ``commit()`` moves the folder into place. Leaving the block
+    without commit (an error, KeyboardInterrupt, SystemExit from a signal handler) removes the
+    temporary folder, so no partial output is ever visible at `output`.
+
+    Shards follow Hugging Face: ``model.safetensors`` when one shard suffices, else
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. A tensor larger
+    than `shard_size` gets a shard of its own.
+    """
+
+    def __init__(
+        self,
+        output: PathLike,
+        layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
+        force: bool = False,
+    ):
+        self.output = Path(output)
+        self.layout = list(layout)
+        self.shard_size = parse_size(shard_size)
+        self.force = force
+        self.shards = self._plan_shards()
+        self.files = (
+            [SAFETENSORS_SINGLE]
+            if len(self.shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
+        )
+        self.tmp: Optional[Path] = None
+        self._pos = 0
+        self._shard = -1
+        self._handle = None
+        self._texts: dict[str, str] = {}
+        self._delay = float(os.environ.get(SINK_DELAY_ENV, "0") or 0)
+
+    def _plan_shards(self) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+        shards: list[list] = [[]]
+        size = 0
+        for entry in self.layout:
+            nbytes = _nbytes(entry[1], entry[2])
+            if shards[-1] and size + nbytes > self.shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        return shards
+
+    def check_target(self) -> None:
+        """Refuse an existing output unless forced (checked again just before the final rename)."""
+        if self.output.exists() and not self.force:
+            raise FileExistsError(f"{self.output}: output exists; pass --force (force=True) to replace it")
+        if self.output.exists() and not self.output.is_dir():
+            raise FileExistsError(f"{self.output}: exists and is not a folder")
+
+    def __enter__(self) -> "ShardedSafetensorsWriter":
+        self.check_target()
+        parent = self.output.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=parent))
+        return self
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if self.tmp is None:
+            raise RuntimeError("ShardedSafetensorsWriter used outside its with-block")
+        if self._pos >= len(self.layout):
+            raise RuntimeError(f"writer: unexpected extra tensor {name!r}")
+        want_name, shape, dtype = self.layout[self._pos]
+        if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(
+                f"writer: expected {want_name!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        shard = self._shard_index(self._pos)
+        if shard != self._shard:
+            self._close_shard()
+            self._shard = shard
+            self._handle = open(self.tmp / self.files[shard], "wb")
+            self._handle.write(_header_bytes(self.shards[shard]))
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._pos += 1
+        if self._delay:
+            time.sleep(self._delay)
+
+    def _shard_index(self, pos: int) -> int:
+        for i, shard in enumerate(self.shards):
+            if pos < len(shard):
+                return i
+            pos -= len(shard)
+        raise IndexError(pos)
+
+    def _close_shard(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def add_text(self, filename: str, text: str) -> None:
+        """A side file (config, report) written into the folder at commit."""
+        self._texts[filename] = text
+
+    def commit(self) -> Path:
+        if self._pos != len(self.layout):
+            raise RuntimeError(f"writer: {len(self.layout) - self._pos} tensor(s) never written")
+        self._close_shard()
+        assert self.tmp is not None
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
+                "weight_map": {
+                    name: file for shard, file in zip(self.shards, self.files) for name, _, _ in shard
+                },
+            }
+            (self.tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for filename, text in self._texts.items():
+            (self.tmp / filename).write_text(text)
+        with _signals_deferred():
+            self.check_target()
+            trash = None
+            if self.output.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.old-", dir=self.tmp.parent))
+                os.rename(self.output, trash / "old")
+            os.rename(self.tmp, self.output)
+            self.tmp = None
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        return self.output
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp is not None:
+            self.abort()
+
+
+def check_output_apart(output: PathLike, inputs: Sequence[PathLike]) -> None:
+    """Refuse an output folder that is, or contains, an input: replacing it would modify inputs."""
+    out = Path(output).resolve()
+    for path in inputs:
+        p = Path(path).resolve()
+        if p == out or out in p.parents:
+            raise MergeInputError(f"{output}: output would replace input {path}; choose another folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole streamed merge: inputs on disk → output folder
+# ----------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    import platform
+    import sys
+
+    import safetensors
+
+    import r2m_fast
+
+    return {
+        "r2m_fast": r2m_fast.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def run_config_dict(
+    base: PathLike, specialists: Sequence[PathLike], output: PathLike, config: R2MConfig, method: str,
+    options: Mapping[str, Any], prefix: Optional[str], shard_size: Union[int, str], device: Any,
+) -> dict[str, Any]:
+    """The YAML the merge ran with: feeding it back to r2m-merge repeats the merge."""
+    out: dict[str, Any] = {
+        "base": str(base),
+        "specialists": [str(s) for s in specialists],
+        "output": str(output),
+        "method": method,
+    }
+    out.update({k: float(v) for k, v in options.items()})
+    if prefix is not None:
+        out["prefix"] = prefix
+    out["shard_size"] = parse_size(shard_size)
+    if device is not None:
+        out["device"] = str(device)
+    out.update(config.to_dict())
+    return out
+
+
+def merge_checkpoints(
+    base: PathLike,
+    specialists: Sequence[PathLike],
+    output: PathLike,
+    config: R2MConfig,
+    *,
+    method: str = "r2m",
+    options: Optional[Mapping[str, Any]] = None,
+    prefix: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = False,
+):
+    """Stream a merge of checkpoints on disk into `output` (see r2m_fast.api.merge_files)."""
+    import yaml
+
+    from r2m_fast.baselines import method_options, run_method
+
+    options = dict(options or {})
+    method_options(method, options)
+    started = time.time()
+    t0 = time.perf_counter()
+    check_output_apart(output, [base, *specialists])
+    with FileSource(base, specialists, device=device, prefix=prefix) as source:
+        open_seconds = time.perf_counter() - t0
+        layout = output_layout(source.specs(), config.out_dtype)
+        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
+            result = run_method(source, config, method=method, options=options, sink=writer, progress=progress)
+            report = dict(result.report)
+            report.update(
+                {
+                    "method": method,
+                    "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
+                    "prefix": prefix,
+                    "output": str(output),
+                    "files": list(writer.files) + ([SAFETENSORS_INDEX] if len(writer.files) > 1 else []),
+                    "seed": config.seed,
+                    "versions": versions(),
+                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                    "timings": {
+                        "open_seconds": open_seconds,
+                        "merge_seconds": result.report.get("seconds"),
+                        "pass_seconds": result.report.get("pass_seconds"),
+                        "total_seconds": time.perf_counter() - t0,
+                    },
+                }
+            )
+            run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device)
+            writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
+            writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
+            writer.commit()
+    result.report = report
+    return result
