@@ -32,6 +32,7 @@ def _gram_sketch_kernel(
     m, n, s, num_tasks,
     HAS_SKETCH: tl.constexpr,
     SKETCH_FP32: tl.constexpr,
+    ALIGNED: tl.constexpr,
     N_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -45,6 +46,8 @@ def _gram_sketch_kernel(
     row = pid_m.to(tl.int64) * BLOCK_M + stacked % BLOCK_M
     row_ok = (task < num_tasks) & (row < m)
     theta_ptr = tl.load(table_ptr + task, mask=task < num_tasks, other=0).to(base_ptr.dtype)
+    if ALIGNED:
+        theta_ptr = tl.multiple_of(theta_ptr, 16)  # see LayerWeights.aligned
     row_off = row * stride_wm
     # The same rows of one task, for the Gram's second factor.
     local = tl.arange(0, BLOCK_M)
@@ -86,6 +89,8 @@ def _gram_sketch_kernel(
             base_l = tl.load(base_ptr + loff, mask=lmask, other=0.0).to(tl.float32)
             for j in range(num_tasks):
                 pj = tl.load(table_ptr + j).to(base_ptr.dtype)
+                if ALIGNED:
+                    pj = tl.multiple_of(pj, 16)
                 tau_j = tl.load(pj + loff, mask=lmask, other=0.0).to(tl.float32) - base_l
                 col = tl.sum(tl.sum(tau3 * tau_j[None, :, :], axis=2), axis=1)
                 gram += tl.where(tasks[None, :] == j, col[:, None], 0.0)
@@ -120,7 +125,7 @@ def gram_sketch(
     # 64 stacked rows: enough for a tensor-core tile (tl.dot needs ≥ 16) and small enough that the
     # grid has many row blocks (one per BLOCK_M rows) to fill the GPU.
     block_m = max(1, 64 // n_pad)
-    block_k = 64 if n >= 64 else dot_block(n, 64)
+    block_k = dot_block(n, 32)
     s = 0
     if omega is not None:
         check_tensor(omega, "omega", op, 2)
@@ -130,7 +135,9 @@ def gram_sketch(
         if omega.dtype not in (torch.float32, torch.bfloat16):
             omega = omega.float()
         s = omega.shape[1]
-    block_s = dot_block(s, 64) if omega is not None else 16
+    # An fp32 Ω stages twice the bytes per column and its 3xTF32 product three accumulating passes:
+    # 64 columns per block for it, 128 for bf16 (fewer re-reads of the weights when s > 64).
+    block_s = dot_block(s, 64 if omega.dtype == torch.float32 else 128) if omega is not None else 16
     row_blocks = max(1, cdiv(m, block_m))
     gram_parts = torch.empty((row_blocks, n_pad, n_pad), dtype=torch.float32, device=device)
     sketch = torch.empty((N, m, s), dtype=torch.float32, device=device) if omega is not None else None
@@ -148,8 +155,9 @@ def gram_sketch(
             m, n, s, N,
             HAS_SKETCH=omega is not None,
             SKETCH_FP32=omega is None or omega.dtype == torch.float32,
+            ALIGNED=layer.aligned,
             N_PAD=n_pad, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_S=block_s,
-            num_warps=4,
+            num_warps=8,  # 4 warps spill registers at BLOCK_S = 128 (checked in the sm_90 cubin)
         )
     gram = gram_parts.double().sum(0)[:N, :N]
     return gram, sketch

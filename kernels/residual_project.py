@@ -25,6 +25,7 @@ def _residual_core_kernel(
     table_ptr,
     coeff_ptr,  # (N,) fp32 w
     m, n, num_tasks,
+    ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -37,6 +38,8 @@ def _residual_core_kernel(
     for j in range(num_tasks):
         w = tl.load(coeff_ptr + j)
         pj = tl.load(table_ptr + j).to(base_ptr.dtype)
+        if ALIGNED:
+            pj = tl.multiple_of(pj, 16)  # see LayerWeights.aligned
         core += w * (tl.load(pj + off, mask=mask, other=0.0).to(tl.float32) - base)
     tl.store(core_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, core, mask=mask)
 
@@ -50,6 +53,7 @@ def _residual_matmul_kernel(
     rhs_ptr, stride_rt, stride_rk, stride_rs,  # (N, K, s), fp32 or bf16
     P, K, s,
     RHS_FP32: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -60,6 +64,8 @@ def _residual_matmul_kernel(
     row_ok = rows < P
     s_ok = cols_s < s
     theta_ptr = tl.load(table_ptr + task).to(base_ptr.dtype)
+    if ALIGNED:
+        theta_ptr = tl.multiple_of(theta_ptr, 16)  # see LayerWeights.aligned
     rhs_ptr += task.to(tl.int64) * stride_rt
     acc = tl.zeros((BLOCK_P, BLOCK_S), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -124,13 +130,14 @@ def residual_matmul(
     core = torch.empty((m, n), dtype=torch.float32, device=device)
     ws = (layer.stride_n, layer.stride_m) if transpose else (layer.stride_m, layer.stride_n)
     cs = (core.stride(1), core.stride(0)) if transpose else core.stride()
-    block_p, block_k, block_s = 64, 32, dot_block(s, 64)
+    block_p, block_k, block_s = 64, 32, dot_block(s, 64 if rhs.dtype == torch.float32 else 128)
     with device_guard(layer.base):
         _residual_core_kernel[(cdiv(m, 32), cdiv(n, 64))](
             core, *core.stride(),
             layer.base, layer.stride_m, layer.stride_n,
             layer.table, w,
             m, n, N,
+            ALIGNED=layer.aligned,
             BLOCK_M=32, BLOCK_N=64,
             num_warps=4,
         )
@@ -142,7 +149,8 @@ def residual_matmul(
             rhs, *rhs.stride(),
             P, K, s,
             RHS_FP32=rhs.dtype == torch.float32,
+            ALIGNED=layer.aligned,
             BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_S=block_s,
-            num_warps=4,
+            num_warps=8,  # 4 warps spill registers on the 3xTF32 path (checked in the sm_90 cubin)
         )
     return out

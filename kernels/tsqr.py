@@ -120,7 +120,7 @@ def _apply(y: torch.Tensor, r_inv: torch.Tensor) -> torch.Tensor:
     block_m, block_s = 64, dot_block(s, 64)
     _tsqr_apply_kernel[(B, cdiv(m, block_m), cdiv(s, block_s))](
         q, *q.stride(), y, *y.stride(), r_inv, *r_inv.stride(), m, s,
-        BLOCK_M=block_m, BLOCK_K=32, BLOCK_S=block_s, num_warps=4,
+        BLOCK_M=block_m, BLOCK_K=32, BLOCK_S=block_s, num_warps=8,
     )
     return q
 
