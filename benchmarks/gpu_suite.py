@@ -84,7 +84,7 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool) -> tuple[
         import triton.testing
 
         p50, p20, p80 = triton.testing.do_bench(
-            fn, warmup=5 if quick else 10, rep=10 if quick else 40, quantiles=[0.5, 0.2, 0.8]
+            fn, warmup=5, rep=10 if quick else 25, quantiles=[0.5, 0.2, 0.8]
         )
         return float(p50), float(p20), float(p80)
     return host_bench(fn, device, reps=2 if quick else 3)
@@ -283,6 +283,15 @@ def run(args: argparse.Namespace) -> int:
     if device.type != "cuda":
         print("# NOT A GPU: timings below only prove the script runs; never report them")
 
+    deadline = time.perf_counter() + args.budget_s
+
+    def over_budget(what: str) -> bool:
+        """Past --budget-s the remaining timings are skipped (and said so), so the suite ends in time."""
+        if time.perf_counter() < deadline:
+            return False
+        print(f"# time budget of {args.budget_s:.0f} s spent: skipped {what}")
+        return True
+
     ops, skipped = providers(device)
     for name, why in skipped.items():
         print(f"# provider {name} skipped: {why}")
@@ -314,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         for (m, n) in shapes:
             for N in Ns:
                 for dtype in dtypes:
+                    if over_budget(f"op timings at {m}x{n} N={N} {DTYPE_NAMES[dtype]}"):
+                        continue
                     case = OpCase(N, m, n, dtype, device)
                     base_ms: dict[str, float] = {}
                     for name, mod in ops.items():
@@ -339,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     # 3. end to end.
     e2e: list[dict] = []
     if not args.no_e2e:
-        e2e = run_e2e(device, quick, Ns, dtypes, ops, bw, meta)
+        e2e = run_e2e(device, quick, Ns, dtypes, ops, bw, meta, over_budget)
         rows.extend(e2e)
 
     out = Path(args.out)
@@ -360,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def run_e2e(device, quick, Ns, dtypes, ops, bw, meta) -> list[dict]:
+def run_e2e(device, quick, Ns, dtypes, ops, bw, meta, over_budget: Callable[[str], bool]) -> list[dict]:
     """Whole merges: each backend and the naive svd_lowrank merge on the 2 ViT-B + 2 ViT-L model for
     every N and dtype; the fp64 CPU reference is slow, so it runs on one small case (one ViT-B
     block, N = Ns[0], fp32) timed once, beside every other provider on that same case."""
@@ -375,6 +386,8 @@ def run_e2e(device, quick, Ns, dtypes, ops, bw, meta) -> list[dict]:
     rows = []
     family: dict[tuple, list[dict]] = {}
     for label, blocks, N, dtype, with_reference in cases:
+        if over_budget(f"end-to-end {label} N={N} {DTYPE_NAMES[dtype]}"):
+            continue
         key = tuple(blocks)
         if key not in family:
             family = {key: e2e_models(blocks, device, max(Ns))}  # one model family in memory at a time
@@ -450,6 +463,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke version")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end merges")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="wall-clock seconds after which remaining timing cases are skipped (checks always run)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible; use --device cpu --quick for a smoke run")
