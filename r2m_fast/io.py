@@ -659,9 +659,9 @@ def run_config_dict(
 ) -> dict[str, Any]:
     """The YAML the merge ran with: feeding it back to r2m-merge repeats the merge."""
     out: dict[str, Any] = {
-        "base": str(base),
-        "specialists": [str(s) for s in specialists],
-        "output": str(output),
+        "base": os.path.abspath(base),
+        "specialists": [os.path.abspath(s) for s in specialists],
+        "output": os.path.abspath(output),
         "method": method,
     }
     out.update({k: float(v) for k, v in options.items()})
