@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # synthetic.py, naive_merge.py
 
 import r2m_fast  # noqa: E402
-from r2m_fast import R2MConfig, ops_torch  # noqa: E402
+from r2m_fast import R2MConfig  # noqa: E402
 from r2m_fast.backends import BACKENDS  # noqa: E402
 
 LAYER_SETS = {

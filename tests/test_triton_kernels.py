@@ -109,7 +109,9 @@ def test_orthonormalize_matches_torch_and_is_orthonormal(device, B, m, s):
     q = kernels.orthonormalize(y)
     ref = ops_torch.orthonormalize(y)
     assert q.dtype == torch.float32 and q.shape == y.shape
-    assert_close_verbose(q, ref, 2e-5, 2e-5, name="Q", reduce_dim=s)
+    # Q R⁻¹ runs in 3xTF32 on GPUs (~2⁻²¹ per product against fp32's 2⁻²⁴): a looser bound there.
+    tol = 2e-5 if device == "cpu" else 1e-4
+    assert_close_verbose(q, ref, tol, tol, name="Q", reduce_dim=s)
     eye = torch.eye(s, device=device)
     # 1e-6-shifted CholeskyQR: squared column norms are biased by ~1e-6 (see ops_torch).
     assert (q.transpose(1, 2) @ q - eye).abs().max() < 1e-5
@@ -208,7 +210,8 @@ def test_non_contiguous_inputs(device):
         acc = kernels.accumulate(weights, core, None, None, torch.float32)
         assert_close_verbose(acc, acc_ref, 1e-6, 1e-6, name="merged")
     y = torch.randn(2, 9, 40, device=device).transpose(1, 2)
-    assert_close_verbose(kernels.orthonormalize(y), ops_torch.orthonormalize(y), 2e-5, 2e-5, name="Q")
+    tol = 2e-5 if device == "cpu" else 1e-4
+    assert_close_verbose(kernels.orthonormalize(y), ops_torch.orthonormalize(y), tol, tol, name="Q")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -358,6 +361,7 @@ def _nvidia_backend_present() -> bool:
 
 
 @pytest.mark.skipif(not _nvidia_backend_present(), reason="triton has no NVIDIA backend (ptxas) to compile with")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every kernel compiles for real in the tests above")
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
