@@ -171,8 +171,9 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def dry_run(settings: dict[str, Any], out=sys.stdout) -> None:
+def dry_run(settings: dict[str, Any], out=None) -> None:
     """Print the plan (layers, kinds, ranks) and the estimated peak memory, flops and time."""
+    out = out or sys.stdout
     import torch
 
     from r2m_fast.engine import sketch_width
@@ -239,7 +240,9 @@ def dry_run(settings: dict[str, Any], out=sys.stdout) -> None:
           f"{rate / 1e9:.0f} GFLOP/s on {device.type})", file=out)
 
 
-def summarize(result, out=sys.stdout) -> None:
+def summarize(result, out=None) -> None:
+    """Print a short summary of a finished file merge (its report)."""
+    out = out or sys.stdout
     r = result.report
     print(f"merged with {r['method']} into {r['output']} ({', '.join(r['files'])}) "
           f"in {r['timings']['total_seconds']:.2f} s", file=out)
@@ -302,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
 
         run_example(args.example, force=args.force, quiet=args.quiet, device=args.device)
         return 0
-    if args.config is None and args.base is None:
+    if args.config is None and args.base is None and not args.specialists:
         raise CommandError("give a CONFIG.yaml, or --base PATH --specialist PATH --specialist PATH --output DIR "
                            "(or --example DIR to try it); see --help")
     settings = resolve(args)
