@@ -8,7 +8,10 @@ BLOCK_K columns), so θ₀ and θ₁…θ_N are read from memory once per column
 * the Gram: Gᵢⱼ += Σ τᵢ ⊙ τⱼ elementwise in fp32 (no tensor-core rounding: the Gram decides the
   Real subspace, and tl.dot on fp32 would default to tf32; the pass is memory-bound anyway).
 
-τ is never written to memory and raw θ is never multiplied.
+τ is never written to memory and raw θ is never multiplied. Grid: (row blocks, Ω column blocks of
+BLOCK_S, splits of the n columns); the splits (split-K) exist for occupancy — a ViT-B layer has only
+a few dozen row blocks — and their partial Grams and sketches are summed on the device in a fixed
+order. Only the first Ω column block's programs accumulate the Gram.
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-from r2m_fast.kernels.utils import cdiv, check_tensor, device_guard, dot_block, layer_weights, next_pow2, same_device
+from r2m_fast.kernels.utils import (
+    cdiv, check_tensor, device_guard, dot_block, layer_weights, next_pow2, reduction_splits, same_device, split_length,
+)
 
 
 @triton.jit
 def _gram_sketch_kernel(
-    gram_ptr,  # (num_row_blocks, N_PAD, N_PAD) fp32 partial Grams, one per row block
-    sketch_ptr, stride_zt, stride_zm, stride_zs,  # (N, m, s) fp32
+    gram_ptr,  # (splits, num_row_blocks, N_PAD, N_PAD) fp32 partial Grams, one per program
+    sketch_ptr, stride_zk, stride_zt, stride_zm, stride_zs,  # (splits, N, m, s) fp32 partial sketches
     base_ptr, stride_wm, stride_wn,  # θ₀ (m, n); θ₁…θ_N share its dtype and strides
     table_ptr,  # (N,) int64 addresses of θ₁…θ_N
     omega_ptr, stride_on, stride_os,  # Ω (n, s), fp32 or bf16
-    m, n, s, num_tasks,
+    m, n, s, num_tasks, cols_per_split,
     HAS_SKETCH: tl.constexpr,
     SKETCH_FP32: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -40,6 +45,9 @@ def _gram_sketch_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_k = tl.program_id(2)  # split of the n columns (split-K, for occupancy)
+    k_lo = pid_k * cols_per_split
+    k_hi = tl.minimum(n, k_lo + cols_per_split)
     # Row r of the stacked tile is row (r % BLOCK_M) of the block, for task r // BLOCK_M.
     stacked = tl.arange(0, N_PAD * BLOCK_M)
     task = stacked // BLOCK_M
@@ -59,9 +67,9 @@ def _gram_sketch_kernel(
     cols_s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     acc = tl.zeros((N_PAD * BLOCK_M, BLOCK_S), dtype=tl.float32)
     gram = tl.zeros((N_PAD, N_PAD), dtype=tl.float32)
-    for k0 in range(0, n, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        col_ok = cols < n
+        col_ok = cols < k_hi
         mask = row_ok[:, None] & col_ok[None, :]
         off = row_off[:, None] + cols[None, :] * stride_wn
         theta = tl.load(theta_ptr[:, None] + off, mask=mask, other=0.0).to(tl.float32)
@@ -95,15 +103,16 @@ def _gram_sketch_kernel(
                 col = tl.sum(tl.sum(tau3 * tau_j[None, :, :], axis=2), axis=1)
                 gram += tl.where(tasks[None, :] == j, col[:, None], 0.0)
     if pid_s == 0:
-        g_off = pid_m.to(tl.int64) * N_PAD * N_PAD + tasks[:, None] * N_PAD + tasks[None, :]
+        g_off = (pid_k.to(tl.int64) * tl.num_programs(0) + pid_m) * N_PAD * N_PAD + tasks[:, None] * N_PAD + tasks[None, :]
         tl.store(gram_ptr + g_off, gram)
     if HAS_SKETCH:
-        z_off = task[:, None].to(tl.int64) * stride_zt + row[:, None] * stride_zm + cols_s[None, :] * stride_zs
+        z_off = (pid_k.to(tl.int64) * stride_zk + task[:, None].to(tl.int64) * stride_zt + row[:, None] * stride_zm
+                 + cols_s[None, :] * stride_zs)
         tl.store(sketch_ptr + z_off, acc, mask=row_ok[:, None] & (cols_s < s)[None, :])
 
 
 def gram_sketch(
-    weights: Sequence[torch.Tensor], omega: Optional[torch.Tensor]
+    weights: Sequence[torch.Tensor], omega: Optional[torch.Tensor], *, splits: Optional[int] = None
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gram matrix of the layer's task vectors and, optionally, their sketches (Triton).
 
@@ -112,6 +121,8 @@ def gram_sketch(
             any strides (one set for all).
         omega: (n, s) test matrix, fp32 (3xTF32 product, ~fp32 accurate) or bf16 (bf16 product of
             the fp32-formed τ), or None for the Gram alone.
+        splits: programs sharing each row block's n columns (split-K); default: enough to fill the
+            GPU (1 under the interpreter). Partial results are summed in a fixed order (deterministic).
 
     Returns:
         gram: (N, N) float64, Gᵢⱼ = ⟨τᵢ, τⱼ⟩ (fp32 sums per BLOCK_M rows, added in fp64).
@@ -139,25 +150,31 @@ def gram_sketch(
     # 64 columns per block for it, 128 for bf16 (fewer re-reads of the weights when s > 64).
     block_s = dot_block(s, 64 if omega.dtype == torch.float32 else 128) if omega is not None else 16
     row_blocks = max(1, cdiv(m, block_m))
-    gram_parts = torch.empty((row_blocks, n_pad, n_pad), dtype=torch.float32, device=device)
-    sketch = torch.empty((N, m, s), dtype=torch.float32, device=device) if omega is not None else None
-    grid = (row_blocks, max(1, cdiv(s, block_s)) if omega is not None else 1)
+    s_blocks = max(1, cdiv(s, block_s)) if omega is not None else 1
+    if splits is None:
+        splits = reduction_splits(row_blocks * s_blocks, n, device)
+    cols_per_split, splits = split_length(n, splits, block_k)
+    gram_parts = torch.empty((splits, row_blocks, n_pad, n_pad), dtype=torch.float32, device=device)
+    # With one split the sketch is written in place; otherwise per-split partials are summed below.
+    parts = torch.empty((splits, N, m, s), dtype=torch.float32, device=device) if omega is not None else None
+    grid = (row_blocks, s_blocks, splits)
     # Unused pointer arguments get a live tensor of the right kind so the signature stays fixed.
-    z = sketch if sketch is not None else gram_parts
+    z = parts if parts is not None else gram_parts
     om = omega if omega is not None else gram_parts
     with device_guard(layer.base):
         _gram_sketch_kernel[grid](
             gram_parts,
-            z, *(sketch.stride() if sketch is not None else (0, 0, 0)),
+            z, *(parts.stride() if parts is not None else (0, 0, 0, 0)),
             layer.base, layer.stride_m, layer.stride_n,
             layer.table,
             om, *(omega.stride() if omega is not None else (0, 0)),
-            m, n, s, N,
+            m, n, s, N, cols_per_split,
             HAS_SKETCH=omega is not None,
             SKETCH_FP32=omega is None or omega.dtype == torch.float32,
             ALIGNED=layer.aligned,
             N_PAD=n_pad, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_S=block_s,
             num_warps=8,  # 4 warps spill registers at BLOCK_S = 128 (checked in the sm_90 cubin)
         )
-    gram = gram_parts.double().sum(0)[:N, :N]
+    gram = gram_parts.double().sum((0, 1))[:N, :N]
+    sketch = None if parts is None else (parts[0] if splits == 1 else parts.sum(0))
     return gram, sketch

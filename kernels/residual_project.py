@@ -5,17 +5,23 @@ every GEMM prologue would cost O(N) per element per task, O(N²) in all; instead
 writes τ_core once in fp32 (one extra m·n fp32 write and one read per task, which L2 mostly serves
 since the task index varies fastest in the grid), and the batched GEMM's A tile is
 (θᵢ − θ₀) − τ_core, each difference formed in fp32 first (DESIGN §4), O(1) per element.
+Grid: (task, row blocks of BLOCK_P, column blocks of BLOCK_S × splits of the reduction); split-K
+partials are summed on the device in a fixed order. Cost: the weights are read about twice per call
+(prologue and GEMM) plus the fp32 τ_core; a fused multi-task GEMM would read them once.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from r2m_fast.kernels.utils import cdiv, check_tensor, coefficient_vector, device_guard, dot_block, layer_weights, same_device
+from r2m_fast.kernels.utils import (
+    cdiv, check_tensor, coefficient_vector, device_guard, dot_block, layer_weights, reduction_splits, same_device,
+    split_length,
+)
 
 
 @triton.jit
@@ -46,12 +52,12 @@ def _residual_core_kernel(
 
 @triton.jit
 def _residual_matmul_kernel(
-    out_ptr, stride_ot, stride_op, stride_os,  # (N, P, s) fp32
+    out_ptr, stride_ok, stride_ot, stride_op, stride_os,  # (splits, N, P, s) fp32 partial products
     base_ptr, stride_wp, stride_wk,  # θ₀ viewed as (P, K): (m, n) or its transpose
     table_ptr,
     core_ptr, stride_cp, stride_ck,  # τ_core viewed as (P, K)
     rhs_ptr, stride_rt, stride_rk, stride_rs,  # (N, K, s), fp32 or bf16
-    P, K, s,
+    P, K, s, k_per_split,
     RHS_FP32: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -60,7 +66,11 @@ def _residual_matmul_kernel(
 ):
     task = tl.program_id(0)  # fastest: the N programs of one tile share θ₀ and τ_core in L2
     rows = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    cols_s = tl.program_id(2).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_blocks = tl.cdiv(s, BLOCK_S)
+    pid_k = tl.program_id(2) // s_blocks  # split of the reduction (split-K, for occupancy)
+    cols_s = (tl.program_id(2) % s_blocks).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
     row_ok = rows < P
     s_ok = cols_s < s
     theta_ptr = tl.load(table_ptr + task).to(base_ptr.dtype)
@@ -68,9 +78,9 @@ def _residual_matmul_kernel(
         theta_ptr = tl.multiple_of(theta_ptr, 16)  # see LayerWeights.aligned
     rhs_ptr += task.to(tl.int64) * stride_rt
     acc = tl.zeros((BLOCK_P, BLOCK_S), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = ks < K
+        k_ok = ks < k_hi
         mask = row_ok[:, None] & k_ok[None, :]
         off = rows[:, None] * stride_wp + ks[None, :] * stride_wk
         base = tl.load(base_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -89,12 +99,17 @@ def _residual_matmul_kernel(
         else:
             # bf16 power iterations: the residual is formed in fp32, then rounded to the operand type.
             acc = tl.dot(resid.to(rhs.dtype), rhs, acc)
-    o_off = task.to(tl.int64) * stride_ot + rows[:, None] * stride_op + cols_s[None, :] * stride_os
+    o_off = pid_k.to(tl.int64) * stride_ok + task.to(tl.int64) * stride_ot + rows[:, None] * stride_op + cols_s[None, :] * stride_os
     tl.store(out_ptr + o_off, acc, mask=row_ok[:, None] & s_ok[None, :])
 
 
 def residual_matmul(
-    weights: Sequence[torch.Tensor], core_coeffs: torch.Tensor, rhs: torch.Tensor, transpose: bool
+    weights: Sequence[torch.Tensor],
+    core_coeffs: torch.Tensor,
+    rhs: torch.Tensor,
+    transpose: bool,
+    *,
+    splits: Optional[int] = None,
 ) -> torch.Tensor:
     """Fᵢ rhsᵢ (or Fᵢᵀ rhsᵢ) for every residual Fᵢ = τᵢ − Σⱼ wⱼ τⱼ of the layer (Triton).
 
@@ -104,6 +119,8 @@ def residual_matmul(
         rhs: (N, n, s) when transpose is False, (N, m, s) when True; fp32 (3xTF32 product, ~fp32
             accurate) or bf16 (bf16 product of the fp32-formed residual); fp16 runs as fp16.
         transpose: multiply Fᵢᵀ instead of Fᵢ.
+        splits: programs sharing each output tile's reduction (split-K); default: enough to fill the
+            GPU (1 under the interpreter). Partial products are summed in a fixed order (deterministic).
 
     Returns:
         (N, m, s) fp32, or (N, n, s) when transpose.
@@ -124,13 +141,16 @@ def residual_matmul(
     if rhs.dtype == torch.float64:
         rhs = rhs.float()
     s = rhs.shape[2]
-    out = torch.empty((N, P, s), dtype=torch.float32, device=device)
-    if out.numel() == 0:
-        return out.zero_()
+    if N * P * s == 0:
+        return torch.zeros((N, P, s), dtype=torch.float32, device=device)
     core = torch.empty((m, n), dtype=torch.float32, device=device)
     ws = (layer.stride_n, layer.stride_m) if transpose else (layer.stride_m, layer.stride_n)
     cs = (core.stride(1), core.stride(0)) if transpose else core.stride()
     block_p, block_k, block_s = 64, 32, dot_block(s, 64 if rhs.dtype == torch.float32 else 128)
+    tiles = N * cdiv(P, block_p) * cdiv(s, block_s)
+    k_per_split, splits = split_length(K, reduction_splits(tiles, K, device) if splits is None else splits, block_k)
+    # With one split the products are written in place; otherwise per-split partials are summed below.
+    parts = torch.empty((splits, N, P, s), dtype=torch.float32, device=device)
     with device_guard(layer.base):
         _residual_core_kernel[(cdiv(m, 32), cdiv(n, 64))](
             core, *core.stride(),
@@ -141,16 +161,16 @@ def residual_matmul(
             BLOCK_M=32, BLOCK_N=64,
             num_warps=4,
         )
-        _residual_matmul_kernel[(N, cdiv(P, block_p), cdiv(s, block_s))](
-            out, *out.stride(),
+        _residual_matmul_kernel[(N, cdiv(P, block_p), cdiv(s, block_s) * splits)](
+            parts, *parts.stride(),
             layer.base, *ws,
             layer.table,
             core, *cs,
             rhs, *rhs.stride(),
-            P, K, s,
+            P, K, s, k_per_split,
             RHS_FP32=rhs.dtype == torch.float32,
             ALIGNED=layer.aligned,
             BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_S=block_s,
             num_warps=8,  # 4 warps spill registers on the 3xTF32 path (checked in the sm_90 cubin)
         )
-    return out
+    return parts[0] if splits == 1 else parts.sum(0)

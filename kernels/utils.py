@@ -37,6 +37,22 @@ def dot_block(size: int, cap: int = 64) -> int:
     return max(16, min(cap, next_pow2(size)))
 
 
+def reduction_splits(programs: int, k: int, device: torch.device, min_chunk: int = 256) -> int:
+    """How many programs share one reduction of length k (split-K) so that a grid of `programs`
+    output tiles still puts ~2 programs on every SM (a ViT-B layer has only a few dozen row blocks);
+    each split keeps ≥ min_chunk of k. 1 off CUDA: interpreter programs run one after another."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(cdiv(2 * sms, max(programs, 1)), k // min_chunk))
+
+
+def split_length(k: int, splits: int, block: int) -> tuple[int, int]:
+    """(length per split rounded up to whole blocks, number of non-empty splits)."""
+    per = cdiv(cdiv(k, max(splits, 1)), block) * block
+    return per, max(1, cdiv(k, per))
+
+
 def check_device(t: torch.Tensor, op: str) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter only."""
     if t.device.type == "cuda":

@@ -103,6 +103,25 @@ def test_residual_matmul_matches_torch(device, dtype, shape, N, transpose):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [2, 3, 50])
+def test_split_reductions_match(device, splits):
+    """Split-K (chosen for occupancy on GPUs, 1 under the interpreter) gives the same results."""
+    shape, N = (33, 200), 3
+    weights = _family(N, shape, torch.float16, device, seed=5)
+    omega = torch.randn(shape[1], 20, device=device)
+    core = torch.tensor([0.2, 0.5, 0.3], device=device)
+    gram_ref, sketch_ref = ops_torch.gram_sketch(weights, omega)
+    gram, sketch = kernels.gram_sketch(weights, omega, splits=splits)
+    assert_close_verbose(gram, gram_ref, *_scaled(gram_ref, torch.float32), name="gram", reduce_dim=shape[0] * shape[1])
+    assert_close_verbose(sketch, sketch_ref, *_scaled(sketch_ref, torch.float32), name="sketch", reduce_dim=shape[1])
+    for transpose in (False, True):
+        rhs = torch.randn(N, shape[0] if transpose else shape[1], 12, device=device)
+        ref = ops_torch.residual_matmul(weights, core, rhs, transpose)
+        out = kernels.residual_matmul(weights, core, rhs, transpose, splits=splits)
+        assert_close_verbose(out, ref, *_scaled(ref, torch.float32), name="product", reduce_dim=rhs.shape[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B,m,s", [(3, 47, 9), (8, 129, 20), (2, 65, 40), (2, 5, 5)])
 def test_orthonormalize_matches_torch_and_is_orthonormal(device, B, m, s):
     y = torch.randn(B, m, s, device=device) * torch.logspace(0, -4, s, device=device)  # cond ~1e4
