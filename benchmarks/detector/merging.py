@@ -25,8 +25,28 @@ HEADLINE: dict[str, dict[str, Any]] = {
     "r2m": {"head_prefix": "head."},
 }
 
+# Ablations that separate the method from its surroundings (reported apart, same seeds):
+# how the head is merged, and TSV-M given 4-D kernels (then it averages every conv, see as_matrices).
+ABLATIONS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "r2m, head merged by R²M too": ("r2m", {}, True),
+    "ties, head averaged": ("ties", {"density": 0.2, "scaling": 1.0, "head_prefix": "head."}, True),
+    "task_arithmetic, head averaged": ("task_arithmetic", {"scaling": 0.3, "head_prefix": "head."}, True),
+    "tsvm, conv kernels left 4-D": ("tsvm", {"scaling": 1.0}, False),
+}
+
 R2M_SWEEP = {"rank_ratio": (0.05, 0.1, 0.2, 1.0), "alpha": (0.4, 0.6, 0.8)}
 TA_SWEEP = {"scaling": (0.3, 0.5, 1.0)}
+
+
+def as_matrices(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conv kernels (out, in, kh, kw) as (out, in·kh·kw) matrices, every other tensor unchanged.
+
+    Why: the package's TSV-M decomposes 2-D tensors only and averages the rest, so on a CNN given
+    4-D kernels it would be plain weight averaging. R²M already treats a kernel as this matrix
+    (DESIGN §1) and averaging, task arithmetic and TIES are elementwise, so the reshape changes no
+    other method's result; it lets TSV-M be TSV-M on MobileNetV2.
+    """
+    return {k: v.reshape(v.shape[0], -1) if v.dim() > 2 else v for k, v in state.items()}
 
 
 class MethodUnavailable(RuntimeError):
@@ -38,15 +58,25 @@ def _accepts_method() -> bool:
 
 
 def merge(base: Mapping[str, torch.Tensor], specialists: Sequence[Mapping[str, torch.Tensor]], method: str,
-          seed: int = 0, **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(merged state dict, report with 'seconds' = wall time of the call)."""
+          seed: int = 0, as_matrix: bool = True, **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(merged state dict, report with 'wall_seconds' = wall time of the call).
+
+    as_matrix: pass conv kernels as 2-D matrices (see as_matrices); False hands the 4-D tensors over.
+    """
     opts = dict(options)
     if method == "r2m":
         opts.setdefault("seed", seed)  # R²M's randomized range finder is seeded: reproducible merges
+    shapes = {k: v.shape for k, v in base.items()}
+    if as_matrix:
+        base, specialists = as_matrices(base), [as_matrices(s) for s in specialists]
+    kwargs: dict[str, Any] = {}
+    if method != "r2m" and "head_prefix" in opts:
+        # A baseline takes head_prefix from the config (its keyword options are its own).
+        kwargs["config"] = r2m_fast.R2MConfig(head_prefix=opts.pop("head_prefix"))
     t0 = time.perf_counter()
     if _accepts_method():
         try:
-            result = r2m_fast.merge(dict(base), [dict(s) for s in specialists], method=method, **opts)
+            result = r2m_fast.merge(dict(base), [dict(s) for s in specialists], method=method, **kwargs, **opts)
         except (ValueError, KeyError, NotImplementedError) as exc:
             if method != "r2m" and "method" in str(exc).lower():
                 raise MethodUnavailable(f"r2m_fast.merge rejects method={method!r}: {exc}") from exc
@@ -59,4 +89,4 @@ def merge(base: Mapping[str, torch.Tensor], specialists: Sequence[Mapping[str, t
     seconds = time.perf_counter() - t0
     report = dict(result.report or {})
     report["wall_seconds"] = seconds
-    return dict(result.state_dict), report
+    return {k: v.reshape(shapes[k]) for k, v in result.state_dict.items()}, report

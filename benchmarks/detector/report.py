@@ -187,6 +187,12 @@ def write(out_dir: str, meta: dict, seeds: list[dict], plots: bool = True) -> No
     sweep = _sweep_table(seeds, "r2m_sweep", "R²M setting")
     if sweep:
         lines += ["## R²M sweep (rank_ratio × alpha; rank_ratio 1.0 = no truncation)", "", *sweep, ""]
+    if seeds[0].get("ablations"):
+        lines += ["## Ablations", "",
+                  "Headline rows for reference: R²M averages the head; the baselines apply their own rule to "
+                  "every tensor, head included. Conv kernels go to every merge as (out, in·kh·kw) matrices "
+                  "(identical results for every method but TSV-M, which decomposes 2-D tensors only).", "",
+                  *_sweep_table(seeds, "ablations", "variant"), ""]
     ta = _sweep_table(seeds, "ta_sweep", "task arithmetic")
     if ta:
         lines += ["## Task arithmetic λ", "", *ta, ""]

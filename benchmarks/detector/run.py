@@ -151,6 +151,12 @@ def run_seed(cfg: Config, seed: int, log, reuse: bool = False) -> dict[str, Any]
             opts = dict(merging.HEADLINE["r2m"], rank_ratio=rr, alpha=alpha)
             merged, _ = merging.merge(base_sd, spec_list, "r2m", seed=seed, **opts)
             out["r2m_sweep"][key] = evaluate(merged)
+    out["ablations"] = {}
+    for label, (method, opts, as_matrix) in merging.ABLATIONS.items():
+        if method in out["unavailable"]:
+            continue
+        merged, _ = merging.merge(base_sd, spec_list, method, seed=seed, as_matrix=as_matrix, **opts)
+        out["ablations"][label] = evaluate(merged)
     if "task_arithmetic" not in out["unavailable"]:
         for lam in cfg.ta_sweep["scaling"]:
             merged, _ = merging.merge(base_sd, spec_list, "task_arithmetic", scaling=lam)
