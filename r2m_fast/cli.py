@@ -294,17 +294,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise CommandError(f"--threads: must be ≥ 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise CommandError(f"--threads: must be ≥ 1, got {args.threads}")
     if args.example is not None:
         from r2m_fast.example import run_example
 
-        run_example(args.example, force=args.force, quiet=args.quiet, device=args.device)
+        run_example(args.example, force=args.force, quiet=args.quiet, device=args.device,
+                    threads=args.threads if args.threads is not None else 1)
         return 0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.config is None and args.base is None and not args.specialists:
         raise CommandError("give a CONFIG.yaml, or --base PATH --specialist PATH --specialist PATH --output DIR "
                            "(or --example DIR to try it); see --help")
