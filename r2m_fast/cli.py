@@ -272,10 +272,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
+        print(f"{PROG}: interrupted; no partial output was left", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"{PROG}: terminated; no output was written", file=sys.stderr)
+        print(f"{PROG}: terminated; no partial output was left", file=sys.stderr)
         return 143
     except CommandError as exc:
         if args.debug:

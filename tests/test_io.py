@@ -86,6 +86,18 @@ def _formats(tmp: Path, family):
         save_file(sd, str(tmp / f"hs{i}" / "model.safetensors"))
         single.append(tmp / f"hs{i}")
     out["hf_single"] = (single, None)
+    bins = []
+    for i, sd in enumerate(family):  # transformers' sharded pickle layout
+        folder = tmp / f"bin{i}"
+        folder.mkdir()
+        names = list(sd)
+        halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for file, part in halves.items():
+            torch.save({k: sd[k] for k in part}, folder / file)
+        weight_map = {k: file for file, part in halves.items() for k in part}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        bins.append(folder)
+    out["bin_sharded"] = (bins, None)
     for kind in ("pt", "wrapped_state_dict", "wrapped_model", "legacy_bin", "prefixed"):
         paths = []
         for i, sd in enumerate(family):
@@ -107,7 +119,7 @@ def _formats(tmp: Path, family):
     return out
 
 
-FORMATS = ["safetensors", "hf_sharded", "hf_single", "pt", "wrapped_state_dict", "wrapped_model", "legacy_bin", "prefixed"]
+FORMATS = ["safetensors", "hf_sharded", "hf_single", "bin_sharded", "pt", "wrapped_state_dict", "wrapped_model", "legacy_bin", "prefixed"]
 
 
 @pytest.fixture(scope="module")
