@@ -345,6 +345,15 @@ def _residual_matmul(ops, weights, core_coeffs, rhs: torch.Tensor, transpose: bo
 def residual_norms(state: MergeState, real: RealSubspace, factors: Mapping[str, ResidualFactors], N: int) -> torch.Tensor:
     """nᵢ = ‖f̃ᵢ‖ over all merged parameters: kept σ² where truncated, cᵢᵀ Gˡ cᵢ (cᵢ = eᵢ − w) elsewhere;
     0 where it is negligible against ‖τᵢ‖ (see NEGLIGIBLE_RESIDUAL_RTOL)."""
+    return residual_norms_from_kept(state, real, {name: f.kept_sq for name, f in factors.items()}, N)
+
+
+def residual_norms_from_kept(
+    state: MergeState, real: RealSubspace, kept_sq: Mapping[str, torch.Tensor], N: int
+) -> torch.Tensor:
+    """residual_norms from each truncated layer's kept σ² alone (N,) fp64, so a distributed merge can
+    exchange those few numbers instead of the factors; summed in plan order on every rank, the
+    result is bit-identical to the single-process one."""
     sq = torch.zeros(N, dtype=torch.float64)
     tau_sq = torch.zeros(N, dtype=torch.float64)
     eye = torch.eye(N, dtype=torch.float64)
@@ -352,8 +361,8 @@ def residual_norms(state: MergeState, real: RealSubspace, factors: Mapping[str, 
         if not layer.merged:
             continue
         tau_sq += torch.diagonal(state.grams[layer.name])
-        if layer.name in factors:
-            sq += factors[layer.name].kept_sq
+        if layer.name in kept_sq:
+            sq += kept_sq[layer.name]
         else:
             c = eye - real.coeffs[layer.name][None, :]  # row i: eᵢ − w
             sq += torch.einsum("ij,jk,ik->i", c, state.grams[layer.name], c)
@@ -412,15 +421,35 @@ def run_merge(
     start = time.perf_counter()
     backend: Backend = resolve_backend(config.backend, source.device)
     ops = backend.ops()
-    N = len(source.labels) - 1
     state = new_state(source, config, backend)
+    t = time.perf_counter()
+    gram_pass(source, state, config, ops, progress)
+    return merge_from_state(source, state, config, backend, sink, progress, start=start, pass1_start=t)
+
+
+@torch.no_grad()
+def merge_from_state(
+    source: LayerSource,
+    state: MergeState,
+    config: R2MConfig,
+    backend: Backend,
+    sink: Optional[Sink] = None,
+    progress: bool = False,
+    start: Optional[float] = None,
+    pass1_start: Optional[float] = None,
+) -> MergeResult:
+    """Everything after pass 1: the N×N solve, passes 2–3 and the report. `state` holds the Grams of
+    every merged layer and the sketches of every truncated one, from gram_pass or (an incremental
+    re-merge) partly from a saved state; its sketches are dropped after pass 2 to free memory."""
+    start = time.perf_counter() if start is None else start
+    ops = backend.ops()
+    N = len(source.labels) - 1
     out: dict[str, torch.Tensor] = {}
     sink = sink or out.__setitem__
     seconds: dict[str, float] = {}
 
-    t = time.perf_counter()
+    t = time.perf_counter() if pass1_start is None else pass1_start
     sync = torch.cuda.synchronize if source.device.type == "cuda" else lambda: None
-    gram_pass(source, state, config, ops, progress)
     real = solve_real_subspace(state, config, N)
     sync()
     seconds["grams_and_solve"] = time.perf_counter() - t
@@ -439,11 +468,21 @@ def run_merge(
     sync()
     seconds["accumulate"] = time.perf_counter() - t
 
+    report = merge_report(state, real, norms, eta, config, backend, source.device, seconds)
+    report["seconds"] = time.perf_counter() - start
+    return MergeResult(state_dict=out, report=report)
+
+
+def merge_report(
+    state: MergeState, real: RealSubspace, norms: torch.Tensor, eta: float, config: R2MConfig,
+    backend: Backend, device: torch.device, seconds: Mapping[str, float],
+) -> dict:
+    """The report of an R²M merge (every path that runs the passes writes the same fields)."""
     kinds = [layer.kind for layer in state.plan]
-    report = {
+    return {
         "method": "r2m",
         "backend": backend.name,
-        "device": str(source.device),
+        "device": str(device),
         "core_norm": real.core_norm,
         "eta": eta,
         "residual_norms": norms.tolist(),
@@ -458,7 +497,5 @@ def run_merge(
         "range_finder_dtype": str(state.range_finder_dtype).removeprefix("torch."),
         "oversample": config.oversample,
         "seed": config.seed,
-        "pass_seconds": seconds,
-        "seconds": time.perf_counter() - start,
+        "pass_seconds": dict(seconds),
     }
-    return MergeResult(state_dict=out, report=report)

@@ -1,0 +1,811 @@
+"""Incremental re-merge: save a merge *state* beside a merged checkpoint, later add or remove a specialist.
+
+What a state holds (``r2m_state/`` inside the merged output folder):
+
+    state.json          config, seed, N, range-finder dtype, device type, the base and specialist paths
+                        with fingerprints (size + sampled blake2b of each weight file), layer list
+    state.safetensors   gram::<layer>          (N, N) fp64 Gram Gˡ = Aˡ Aˡᵀ of every merged layer
+                        sketch::<layer>::<j>   (m, s) fp32 sketch Zⱼ = τⱼ Ω of every truncated layer
+
+Why an add is exact: Ω of a layer depends only on the seed and the layer's name (engine.layer_seed), so
+the saved Zⱼ are exactly what a from-scratch merge of N+1 models computes for the old models, and a
+sketch is a per-model product (each model's rows of the batched GEMM do not depend on N). What an add
+cannot avoid: the Gram row ⟨τ_new, τⱼ⟩ needs the old task vectors, and the residuals
+Fᵢ = τᵢ − Σⱼ wⱼτⱼ change with w, so passes 2–3 read every model again. An add therefore reads the base
+and all N+1 specialists three times, exactly like a full merge, and saves pass 1's N old sketches
+(N of N+1 sketch GEMMs, the bulk of pass 1's arithmetic). Its pass 1 recomputes the whole (N+1)² Gram
+in the same GEMM a fresh merge runs (a Gram is N²·P flops, cheap next to the sketches, and a row
+computed on its own rounds differently): the result is bit-identical to a from-scratch merge on the
+same backend, device and thread count, and the recomputed old block, compared with the saved one,
+proves the old models are the ones the state was made from. A remove needs no pass 1 at all (drop a
+row/column of each Gram and the model's sketches); it reads the base and the N−1 kept models twice.
+
+API: merge_with_state / add_specialist / remove_specialist (in memory), merge_files_with_state /
+add_specialist_files / remove_specialist_files (checkpoints on disk), save_state / load_state.
+CLI: ``python -m r2m_fast.incremental {merge,add,remove} ...`` (add_main, remove_main, merge_main).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from r2m_fast.backends import Backend, resolve_backend
+from r2m_fast.config import R2MConfig
+from r2m_fast.engine import (
+    DictSource, LayerSource, MergeState, merge_from_state, new_state, test_matrix, gram_pass,
+)
+from r2m_fast.plan import DECOMPOSED, MergeInputError, ModelLike, check_finite
+from r2m_fast.result import MergeResult
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+STATE_DIR = "r2m_state"
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+STATE_FORMAT = "r2m_fast.merge_state"
+STATE_VERSION = 1
+# Saved and recomputed Grams may differ by GEMM rounding (another thread count, another GPU kernel
+# split): an entry is "changed" when it moves by more than this fraction of √(GᵢᵢGⱼⱼ). A real change of a
+# model moves its ‖τ‖² per layer by far more; a file change is caught first by the fingerprints.
+GRAM_RTOL = 1e-4
+# Options a re-merge may change: none of them enters pass 1 (the plan, Ω, the Grams and sketches).
+REMERGE_OPTIONS = (
+    "k_real", "alpha", "block_norm", "center", "real_blend_beta", "residual_scale", "power_iters", "backend",
+    "out_dtype",
+)
+# Weight files a checkpoint folder is fingerprinted by (config.json and the like may change freely).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+FINGERPRINT_SAMPLES = 16
+FINGERPRINT_CHUNK = 64 * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints
+# ----------------------------------------------------------------------------------------------
+
+
+def fingerprint(path: PathLike) -> dict[str, Any]:
+    """Sizes and a sampled blake2b of a checkpoint's weight files: cheap (≤ 1 MiB read per file), so
+    an add can refuse changed inputs before reading them. A change that keeps the size and misses
+    every sample is still caught by the Gram check during the re-merge (see GRAM_RTOL)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(
+            p for p in path.iterdir()
+            if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"))
+        )
+    else:
+        files = [path]
+    out = {}
+    for file in files:
+        size = file.stat().st_size
+        digest = hashlib.blake2b(digest_size=16)
+        with open(file, "rb") as handle:
+            positions = sorted({
+                min(max(size - FINGERPRINT_CHUNK, 0), (size * k) // FINGERPRINT_SAMPLES)
+                for k in range(FINGERPRINT_SAMPLES)
+            } | {max(size - FINGERPRINT_CHUNK, 0)})
+            for pos in positions:
+                handle.seek(pos)
+                digest.update(handle.read(FINGERPRINT_CHUNK))
+        out[file.name] = {"size": size, "blake2b_sampled": digest.hexdigest()}
+    return out
+
+
+def check_fingerprint(label: str, path: PathLike, saved: Optional[Mapping[str, Any]]) -> None:
+    """MergeInputError when `path` is not the checkpoint the state was saved from."""
+    if saved is None:
+        return
+    if not Path(path).exists():
+        raise MergeInputError(f"{label} {path}: no such file or folder")
+    now = fingerprint(path)
+    for name in sorted(set(now) | set(saved)):
+        if name not in now or name not in saved:
+            raise MergeInputError(
+                f"{label} {path}: weight files differ from the state's ({name} is "
+                f"{'new' if name in now else 'missing'}); the models must be those merged when the state was saved"
+            )
+        if now[name] != saved[name]:
+            what = "size" if now[name]["size"] != saved[name]["size"] else "content"
+            raise MergeInputError(
+                f"{label} {path}: {name} has changed since the state was saved ({what} differs); "
+                "the models must be those merged when the state was saved, or merge from scratch"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# The state
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    """One input of the merge a state belongs to: its path (None in memory) and fingerprint."""
+
+    path: Optional[str] = None
+    fingerprint: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class IncrementalState:
+    """What a re-merge reuses: per-layer Grams and per-model sketches of N specialists.
+
+    ``sketch(name, models)`` gives the (len(models), m, s) fp32 sketches of a truncated layer; a state
+    loaded from disk reads them on demand, one layer at a time."""
+
+    config: R2MConfig
+    num_specialists: int
+    range_finder_dtype: torch.dtype
+    device_type: str
+    backend: str
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    grams: dict[str, torch.Tensor]                      # (N, N) fp64 CPU
+    base: ModelRecord = field(default_factory=ModelRecord)
+    specialists: list[ModelRecord] = field(default_factory=list)
+    prefix: Optional[str] = None
+    _sketches: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)   # in memory: (N, m, s)
+    _reader: Optional[Callable[[str, int], torch.Tensor]] = field(default=None, repr=False)
+
+    def sketch(self, name: str, models: Optional[Sequence[int]] = None) -> torch.Tensor:
+        models = list(range(self.num_specialists)) if models is None else list(models)
+        if self._reader is None:
+            return self._sketches[name][models]
+        return torch.stack([self._reader(name, j) for j in models])
+
+    @property
+    def sketch_names(self) -> list[str]:
+        plan = new_plan(self.specs, self.config)
+        return [layer.name for layer in plan if layer.rank is not None and layer.kind == DECOMPOSED]
+
+
+def new_plan(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], config: R2MConfig):
+    from r2m_fast.plan import build_plan
+
+    return build_plan(specs, config)
+
+
+def _state_from_merge(
+    merge_state: MergeState, config: R2MConfig, source: LayerSource, backend: Backend,
+    base: ModelRecord, specialists: list[ModelRecord], prefix: Optional[str],
+) -> IncrementalState:
+    """Snapshot of pass 1's Grams and sketches (sketches moved to the CPU: a state outlives the merge)."""
+    return IncrementalState(
+        config=config,
+        num_specialists=len(source.labels) - 1,
+        range_finder_dtype=merge_state.range_finder_dtype,
+        device_type=source.device.type,
+        backend=backend.name,
+        specs={layer.name: (layer.shape, layer.dtype) for layer in merge_state.plan},
+        grams={name: g.cpu() for name, g in merge_state.grams.items()},
+        base=base,
+        specialists=specialists,
+        prefix=prefix,
+        _sketches={name: z.cpu() for name, z in merge_state.sketches.items()},
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_safetensors(path: Path, items: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file written tensor by tensor (views of one sketch tensor need no copies, which
+    safetensors.torch.save_file would demand for tensors sharing storage)."""
+    from r2m_fast.io import _ST_NAMES  # the one dtype table of the package
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, tensor in items:
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for _, tensor in items:
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            if data.numel():
+                handle.write(memoryview(data.view(torch.uint8).numpy()))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_state(state: IncrementalState, directory: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write `state` into `directory` (created; replaced files are overwritten): state.json + state.safetensors."""
+    from r2m_fast.io import versions
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    items: list[tuple[str, torch.Tensor]] = [(f"gram::{name}", g) for name, g in state.grams.items()]
+    for name in state.sketch_names:
+        z = state.sketch(name)
+        items.extend((f"sketch::{name}::{j}", z[j]) for j in range(state.num_specialists))
+    _write_safetensors(directory / STATE_TENSORS, items)
+    meta = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "num_specialists": state.num_specialists,
+        "config": state.config.to_dict(),
+        "seed": state.config.seed,
+        "range_finder_dtype": _dtype_name(state.range_finder_dtype),
+        "device_type": state.device_type,
+        "backend": state.backend,
+        "prefix": state.prefix,
+        "base": vars(state.base),
+        "specialists": [vars(s) for s in state.specialists],
+        "layers": {name: {"shape": list(shape), "dtype": _dtype_name(dtype)} for name, (shape, dtype) in state.specs.items()},
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+    }
+    meta.update(extra or {})
+    (directory / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_state(directory: PathLike) -> IncrementalState:
+    """Open a saved state: the JSON and Grams now, sketches on demand. Accepts the state folder or
+    the merged output folder that holds it."""
+    from r2m_fast.io import SafetensorsFile
+
+    directory = Path(directory)
+    if not (directory / STATE_JSON).exists() and (directory / STATE_DIR / STATE_JSON).exists():
+        directory = directory / STATE_DIR
+    try:
+        meta = json.loads((directory / STATE_JSON).read_text())
+    except FileNotFoundError:
+        raise MergeInputError(f"{directory}: no merge state here ({STATE_JSON} missing)") from None
+    except ValueError as exc:
+        raise MergeInputError(f"{directory / STATE_JSON}: corrupt state ({exc})") from None
+    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+        raise MergeInputError(
+            f"{directory}: not a version-{STATE_VERSION} r2m_fast merge state "
+            f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
+        )
+    from r2m_fast.config import parse_dtype
+
+    cfg = dict(meta["config"])
+    cfg["exclude"] = tuple(cfg["exclude"])
+    config = R2MConfig(**cfg)
+    specs = {name: (tuple(info["shape"]), getattr(torch, info["dtype"])) for name, info in meta["layers"].items()}
+    tensors = SafetensorsFile(directory / STATE_TENSORS)
+    N = int(meta["num_specialists"])
+    grams = {key.removeprefix("gram::"): tensors.get(key) for key in tensors.entries if key.startswith("gram::")}
+    for name, g in grams.items():
+        if tuple(g.shape) != (N, N):
+            raise MergeInputError(f"{directory}: Gram of {name!r} is {tuple(g.shape)}, expected ({N}, {N})")
+    state = IncrementalState(
+        config=config,
+        num_specialists=N,
+        range_finder_dtype=parse_dtype(meta["range_finder_dtype"]),
+        device_type=meta["device_type"],
+        backend=meta["backend"],
+        specs=specs,
+        grams=grams,
+        base=ModelRecord(**meta["base"]),
+        specialists=[ModelRecord(**s) for s in meta["specialists"]],
+        prefix=meta.get("prefix"),
+        _reader=lambda name, j: tensors.get(f"sketch::{name}::{j}"),
+    )
+    missing = [n for n in state.sketch_names if f"sketch::{n}::0" not in tensors.entries]
+    if missing:
+        raise MergeInputError(f"{directory}: state lacks the sketches of {missing[0]!r} ({len(missing)} layers)")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1 of a re-merge
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_for_remerge(state: IncrementalState, overrides: Mapping[str, Any]) -> R2MConfig:
+    bad = sorted(set(overrides) - set(REMERGE_OPTIONS))
+    if bad:
+        raise ValueError(
+            f"cannot change {', '.join(bad)} in a re-merge: the saved Grams and sketches depend on "
+            f"{'it' if len(bad) == 1 else 'them'}; merge from scratch (changeable: {', '.join(REMERGE_OPTIONS)})"
+        )
+    return state.config.replace(**overrides) if overrides else state.config
+
+
+def _check_source(source: LayerSource, state: IncrementalState, config: R2MConfig, backend: Backend) -> MergeState:
+    merge_state = new_state(source, config, backend)
+    specs = {layer.name: (layer.shape, layer.dtype) for layer in merge_state.plan}
+    if specs != state.specs:
+        changed = sorted(set(specs) ^ set(state.specs)) or [n for n in specs if specs[n] != state.specs[n]]
+        raise MergeInputError(
+            f"the base's tensors differ from the state's (first: {changed[0]!r}); the state belongs to another model"
+        )
+    if source.device.type != state.device_type:
+        raise MergeInputError(
+            f"the state's sketches were drawn on {state.device_type} and this re-merge runs on {source.device.type}: "
+            f"the random test matrices differ between devices; run it on {state.device_type} or merge from scratch"
+        )
+    if merge_state.range_finder_dtype != state.range_finder_dtype:
+        raise MergeInputError(
+            f"the state's sketches were made at {_dtype_name(state.range_finder_dtype)} and this machine's "
+            f"range finder runs at {_dtype_name(merge_state.range_finder_dtype)}; set range_finder_precision "
+            "when merging, or merge from scratch"
+        )
+    return merge_state
+
+
+def _check_gram_block(name: str, recomputed: torch.Tensor, saved: torch.Tensor, labels: Sequence[str]) -> None:
+    """The old models' block of a recomputed Gram must be the saved one up to GEMM rounding."""
+    diag = torch.diagonal(saved).clamp_min(0).sqrt()
+    tol = GRAM_RTOL * torch.outer(diag, diag) + 1e-30
+    bad = (recomputed - saved).abs() > tol
+    if not bool(bad.any()):
+        return
+    rows = bad.any(1).nonzero().flatten().tolist()
+    if len(rows) == saved.shape[0] and saved.shape[0] > 1:
+        who = f"{labels[0]} (the base) or every specialist"
+    else:
+        who = labels[1 + rows[0]]
+    i = rows[0]
+    raise MergeInputError(
+        f"{who}: tensor {name!r} differs from the model merged when the state was saved "
+        f"(‖τ‖² {float(recomputed[i, i]):.6g}, saved {float(saved[i, i]):.6g}); pass the same base and "
+        "specialists in the same order, or merge from scratch"
+    )
+
+
+@torch.no_grad()
+def _add_pass(source: LayerSource, state: IncrementalState, merge_state: MergeState, config: R2MConfig,
+              ops: Any, progress: bool) -> None:
+    """Pass 1 of an add. Source models: base, the N old specialists, the new one (last).
+
+    Per merged layer: the full (N+1)² Gram in one GEMM, exactly as gram_pass computes it, its old block
+    checked against the saved Grams; per truncated layer: the new model's sketch only, the old ones
+    read from the state."""
+    N = state.num_specialists
+    layers = [layer for layer in merge_state.plan if layer.merged]
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="pass 1/3: Gram rows and the new sketch", unit="layer", leave=False)
+    for layer in layers:
+        weights = [t.reshape(layer.matrix) for t in source.load(layer.name)]
+        gram, _ = ops.gram_sketch(weights, None)
+        gram = gram.detach().to(torch.float64).cpu()
+        if not bool(torch.isfinite(gram).all()):
+            check_finite(layer.name, source.load(layer.name), source.labels)
+            raise MergeInputError(f"tensor {layer.name!r}: its Gram overflowed (task vectors too large for fp32)")
+        _check_gram_block(layer.name, gram[:N, :N], state.grams[layer.name], source.labels)
+        merge_state.grams[layer.name] = gram
+        if layer.rank is not None:
+            omega = test_matrix(layer, config, source.device, merge_state.range_finder_dtype)
+            _, new = ops.gram_sketch([weights[0], weights[-1]], omega)
+            old = state.sketch(layer.name).to(source.device)
+            merge_state.sketches[layer.name] = torch.cat([old, new])
+
+
+def _remove_pass(state: IncrementalState, merge_state: MergeState, index: int) -> None:
+    """A remove needs no pass: drop row and column `index` of each Gram and model `index`'s sketches."""
+    keep = [j for j in range(state.num_specialists) if j != index]
+    for name, gram in state.grams.items():
+        merge_state.grams[name] = gram[keep][:, keep].contiguous()
+    for name in state.sketch_names:
+        merge_state.sketches[name] = state.sketch(name, keep)
+
+
+class _VerifyingSource:
+    """A LayerSource that checks, at the first load of each merged layer, every kept model's ‖τ‖² against
+    the saved Gram diagonal, so a remove (which has no pass 1) still refuses changed models before the
+    output is committed."""
+
+    def __init__(self, source: LayerSource, merged: set[str], diag: Mapping[str, torch.Tensor]):
+        self._source = source
+        self.device = source.device
+        self.labels = source.labels
+        self._merged = merged
+        self._diag = diag
+        self._checked: set[str] = set()
+
+    def specs(self):
+        return self._source.specs()
+
+    def load(self, name: str) -> list[torch.Tensor]:
+        tensors = self._source.load(name)
+        if name in self._merged and name not in self._checked:
+            base = tensors[0].float()
+            now = torch.stack([torch.dot(t := (w.float() - base).reshape(-1), t) for w in tensors[1:]]).double().cpu()
+            saved = self._diag[name]
+            bad = ((now - saved).abs() > GRAM_RTOL * saved + 1e-30).nonzero().flatten().tolist()
+            if bad:
+                i = bad[0]
+                raise MergeInputError(
+                    f"{self.labels[1 + i]}: tensor {name!r} differs from the model merged when the state was saved "
+                    f"(‖τ‖² {float(now[i]):.6g}, saved {float(saved[i]):.6g}); pass the same base and specialists, "
+                    "or merge from scratch"
+                )
+            self._checked.add(name)
+        return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# In memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _device(device: Optional[Union[str, torch.device]]) -> Optional[torch.device]:
+    return torch.device(device) if device is not None else None
+
+
+@torch.no_grad()
+def merge_with_state(
+    base: ModelLike, specialists: Sequence[ModelLike], config: Optional[R2MConfig] = None, *,
+    device: Optional[Union[str, torch.device]] = None, progress: bool = False,
+) -> tuple[MergeResult, IncrementalState]:
+    """r2m_fast.merge, also returning the state an add or remove starts from (bit-identical merge)."""
+    config = config or R2MConfig()
+    source = DictSource(base, specialists, device=_device(device))
+    backend = resolve_backend(config.backend, source.device)
+    start = time.perf_counter()
+    merge_state = new_state(source, config, backend)
+    gram_pass(source, merge_state, config, backend.ops(), progress)
+    state = _state_from_merge(merge_state, config, source, backend, ModelRecord(),
+                              [ModelRecord() for _ in specialists], None)
+    result = merge_from_state(source, merge_state, config, backend, None, progress, start=start)
+    return result, state
+
+
+@torch.no_grad()
+def add_specialist(
+    state: IncrementalState, base: ModelLike, old_specialists: Sequence[ModelLike], new_specialist: ModelLike, *,
+    device: Optional[Union[str, torch.device]] = None, progress: bool = False, **overrides: Any,
+) -> tuple[MergeResult, IncrementalState]:
+    """Merge `old_specialists` + [`new_specialist`] reusing `state` (made from `base` + `old_specialists`).
+
+    Equal to a from-scratch merge of all N+1 with the state's config; `overrides` may change the options
+    that do not enter pass 1 (REMERGE_OPTIONS). Returns the merge and the state of the N+1 models."""
+    _check_count(state, old_specialists)
+    config = _config_for_remerge(state, overrides)
+    source = DictSource(base, [*old_specialists, new_specialist], device=_device(device))
+    result, new = _run_add(source, state, config, None, progress, ModelRecord(), [*state.specialists, ModelRecord()])
+    return result, new
+
+
+@torch.no_grad()
+def remove_specialist(
+    state: IncrementalState, base: ModelLike, old_specialists: Sequence[ModelLike], index: int, *,
+    device: Optional[Union[str, torch.device]] = None, progress: bool = False, **overrides: Any,
+) -> tuple[MergeResult, IncrementalState]:
+    """Merge `old_specialists` without the one at `index` (it is not read), reusing `state`.
+
+    Equal to a from-scratch merge of the N−1 others. Returns the merge and the state of the N−1 models."""
+    _check_count(state, old_specialists)
+    index = _check_index(state, index)
+    config = _config_for_remerge(state, overrides)
+    kept = [s for j, s in enumerate(old_specialists) if j != index]
+    source = DictSource(base, kept, device=_device(device))
+    records = [r for j, r in enumerate(state.specialists) if j != index]
+    return _run_remove(source, state, index, config, None, progress, state.base, records)
+
+
+def _check_count(state: IncrementalState, old: Sequence[Any]) -> None:
+    if len(old) != state.num_specialists:
+        raise MergeInputError(
+            f"the state holds {state.num_specialists} specialists, {len(old)} were given; "
+            "pass the specialists the state was made from, in the same order"
+        )
+
+
+def _check_index(state: IncrementalState, index: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, int) or not -state.num_specialists <= index < state.num_specialists:
+        raise MergeInputError(f"index {index!r}: the state holds specialists 0..{state.num_specialists - 1}")
+    if state.num_specialists - 1 < 2:
+        raise MergeInputError(f"cannot remove from {state.num_specialists} specialists: R²M needs at least 2")
+    return index % state.num_specialists
+
+
+def _run_add(source: LayerSource, state: IncrementalState, config: R2MConfig, sink: Optional[Callable],
+             progress: bool, base: ModelRecord, records: list[ModelRecord], prefix: Optional[str] = None,
+             save_to: Optional[Path] = None, extra: Optional[Mapping[str, Any]] = None,
+             ) -> tuple[MergeResult, IncrementalState]:
+    backend = resolve_backend(config.backend, source.device)
+    start = time.perf_counter()
+    merge_state = _check_source(source, state, config, backend)
+    _add_pass(source, state, merge_state, config, backend.ops(), progress)
+    new = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
+    if save_to is not None:
+        save_state(new, save_to, extra)
+    result = merge_from_state(source, merge_state, config, backend, sink, progress, start=start)
+    result.report["incremental"] = {"operation": "add", "reused_sketches_of": state.num_specialists}
+    return result, new
+
+
+def _run_remove(source: LayerSource, state: IncrementalState, index: int, config: R2MConfig, sink: Optional[Callable],
+                progress: bool, base: ModelRecord, records: list[ModelRecord], prefix: Optional[str] = None,
+                save_to: Optional[Path] = None, extra: Optional[Mapping[str, Any]] = None,
+                ) -> tuple[MergeResult, IncrementalState]:
+    backend = resolve_backend(config.backend, source.device)
+    start = time.perf_counter()
+    merge_state = _check_source(source, state, config, backend)
+    _remove_pass(state, merge_state, index)
+    new = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
+    if save_to is not None:
+        save_state(new, save_to, extra)
+    merged = {layer.name for layer in merge_state.plan if layer.merged}
+    diag = {name: torch.diagonal(g).clone() for name, g in merge_state.grams.items()}
+    verifying = _VerifyingSource(source, merged, diag)
+    result = merge_from_state(verifying, merge_state, config, backend, sink, progress, start=start)
+    result.report["incremental"] = {"operation": "remove", "removed_index": index}
+    return result, new
+
+
+# ----------------------------------------------------------------------------------------------
+# On disk
+# ----------------------------------------------------------------------------------------------
+
+
+def _records(base: PathLike, specialists: Sequence[PathLike]) -> tuple[ModelRecord, list[ModelRecord]]:
+    return (ModelRecord(os.path.abspath(base), fingerprint(base)),
+            [ModelRecord(os.path.abspath(s), fingerprint(s)) for s in specialists])
+
+
+def _write_files(
+    base: PathLike, specialists: Sequence[PathLike], output: PathLike, config: R2MConfig, *,
+    run: Callable[..., tuple[MergeResult, IncrementalState]], prefix: Optional[str], device: Any,
+    shard_size: Union[int, str], force: bool, progress: bool, operation: str,
+) -> MergeResult:
+    """A streamed merge into `output` (atomic, as r2m_fast.io.merge_checkpoints) whose state goes into
+    output/r2m_state before the folder is moved into place: a merged folder always holds its state."""
+    import yaml
+
+    from r2m_fast.io import (
+        CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX, FileSource, ShardedSafetensorsWriter, check_output_apart,
+        output_layout, run_config_dict, versions,
+    )
+
+    started = time.time()
+    t0 = time.perf_counter()
+    check_output_apart(output, [base, *specialists])
+    base_record, records = _records(base, specialists)
+    with FileSource(base, specialists, device=device, prefix=prefix) as source:
+        layout = output_layout(source.specs(), config.out_dtype)
+        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
+            assert writer.tmp is not None
+            result, _ = run(source, sink=writer, base=base_record, records=records, prefix=prefix,
+                            save_to=writer.tmp / STATE_DIR, extra={"output": os.path.abspath(output)})
+            report = dict(result.report)
+            report.update({
+                "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
+                "prefix": prefix,
+                "output": str(output),
+                "files": list(writer.files) + ([SAFETENSORS_INDEX] if len(writer.files) > 1 else []),
+                "state": STATE_DIR,
+                "operation": operation,
+                "versions": versions(),
+                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "timings": {"merge_seconds": result.report.get("seconds"),
+                            "pass_seconds": result.report.get("pass_seconds"),
+                            "total_seconds": time.perf_counter() - t0},
+            })
+            run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
+            writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
+            writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
+            writer.commit()
+    result.report = report
+    return result
+
+
+def merge_files_with_state(
+    base: PathLike, specialists: Sequence[PathLike], output: PathLike, config: Optional[R2MConfig] = None, *,
+    prefix: Optional[str] = None, device: Optional[Union[str, torch.device]] = None,
+    shard_size: Union[int, str] = "5GB", force: bool = False, progress: bool = False,
+) -> MergeResult:
+    """r2m_fast.merge_files, also saving the merge state in output/r2m_state (bit-identical merge)."""
+    config = config or R2MConfig()
+
+    def run(source, sink, base, records, prefix, save_to, extra):
+        backend = resolve_backend(config.backend, source.device)
+        start = time.perf_counter()
+        merge_state = new_state(source, config, backend)
+        gram_pass(source, merge_state, config, backend.ops(), progress)
+        state = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
+        save_state(state, save_to, extra)
+        del state  # its sketches are the merge state's own tensors; nothing else keeps them
+        return merge_from_state(source, merge_state, config, backend, sink, progress, start=start), None
+
+    return _write_files(base, specialists, output, config, run=run, prefix=prefix, device=device,
+                        shard_size=shard_size, force=force, progress=progress, operation="merge")
+
+
+def _resolve_inputs(state: IncrementalState, base: Optional[PathLike], old: Optional[Sequence[PathLike]]
+                    ) -> tuple[PathLike, list[PathLike]]:
+    base = base if base is not None else state.base.path
+    old = list(old) if old is not None else [s.path for s in state.specialists]
+    if base is None or any(p is None for p in old):
+        raise MergeInputError("the state was made in memory and records no paths: pass base and old_specialists")
+    _check_count(state, old)
+    check_fingerprint("base", base, state.base.fingerprint)
+    for j, (path, record) in enumerate(zip(old, state.specialists)):
+        check_fingerprint(f"specialist {j}", path, record.fingerprint)
+    return base, old
+
+
+def _default_output(state_dir: PathLike) -> Path:
+    state_dir = Path(state_dir)
+    if (state_dir / STATE_JSON).exists() and state_dir.name == STATE_DIR:
+        return state_dir.parent
+    return state_dir
+
+
+def add_specialist_files(
+    state_dir: PathLike, new_specialist: PathLike, *, base: Optional[PathLike] = None,
+    old_specialists: Optional[Sequence[PathLike]] = None, output: Optional[PathLike] = None,
+    device: Optional[Union[str, torch.device]] = None, shard_size: Union[int, str] = "5GB", force: bool = False,
+    progress: bool = False, **overrides: Any,
+) -> MergeResult:
+    """Add a specialist to the merge whose state is `state_dir` (or the merged folder holding it).
+
+    Base and old specialists default to the paths the state records; each is fingerprint-checked first.
+    The merge of all N+1 and its new state go to `output` (default: the merged folder the state is in,
+    replaced atomically)."""
+    state = load_state(state_dir)
+    base, old = _resolve_inputs(state, base, old_specialists)
+    config = _config_for_remerge(state, overrides)
+    if output is None:
+        output, force = _default_output(state_dir), True
+
+    def run(source, sink, base, records, prefix, save_to, extra):
+        return _run_add(source, state, config, sink, progress, base, records, prefix, save_to, extra)
+
+    return _write_files(base, [*old, new_specialist], output, config, run=run, prefix=state.prefix,
+                        device=device, shard_size=shard_size, force=force, progress=progress, operation="add")
+
+
+def remove_specialist_files(
+    state_dir: PathLike, specialist: Union[int, PathLike], *, base: Optional[PathLike] = None,
+    old_specialists: Optional[Sequence[PathLike]] = None, output: Optional[PathLike] = None,
+    device: Optional[Union[str, torch.device]] = None, shard_size: Union[int, str] = "5GB", force: bool = False,
+    progress: bool = False, **overrides: Any,
+) -> MergeResult:
+    """Remove a specialist (its index, or its path as recorded) from the merge whose state is `state_dir`.
+    The removed model is not read; the others are read twice (passes 2–3)."""
+    state = load_state(state_dir)
+    recorded = [s.path for s in state.specialists]
+    if isinstance(specialist, int) and not isinstance(specialist, bool):
+        index = specialist
+    else:
+        path = os.path.abspath(specialist)
+        if path not in recorded:
+            raise MergeInputError(f"{specialist}: not a specialist of this state ({', '.join(map(str, recorded))})")
+        index = recorded.index(path)
+    index = _check_index(state, index)
+    base, old = _resolve_inputs(state, base, old_specialists)
+    config = _config_for_remerge(state, overrides)
+    if output is None:
+        output, force = _default_output(state_dir), True
+    kept = [p for j, p in enumerate(old) if j != index]
+
+    def run(source, sink, base, records, prefix, save_to, extra):
+        return _run_remove(source, state, index, config, sink, progress, base, records, prefix, save_to, extra)
+
+    return _write_files(base, kept, output, config, run=run, prefix=state.prefix, device=device,
+                        shard_size=shard_size, force=force, progress=progress, operation="remove")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m r2m_fast.incremental {merge,add,remove}; the lead wires add/remove into r2m-merge
+# ----------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", required=True, help="the state folder (or the merged folder holding r2m_state/)")
+    p.add_argument("--base", help="the base model (default: the path the state records)")
+    p.add_argument("--old-specialist", action="append", dest="old", metavar="PATH",
+                   help="the state's specialists, in order (repeat; default: the paths the state records)")
+    p.add_argument("--output", help="output folder (default: the merged folder holding the state, replaced)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--device", help="cpu (default) or cuda[:i]; must be the device type the state was made on")
+    p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--alpha", type=float, help="change α (options that do not enter pass 1 may change)")
+    p.add_argument("--k-real", type=int)
+    p.add_argument("--power-iters", type=int)
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
+    p.add_argument("--out-dtype")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("alpha", "k_real", "power_iters", "backend", "out_dtype")
+            if getattr(args, k) is not None}
+
+
+def _run_cli(prog: str, args: argparse.Namespace, body: Callable[[], MergeResult]) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line; --debug shows where
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        r = result.report
+        print(f"{prog}: merged {len(r['inputs']['specialists'])} specialists into {r['output']} "
+              f"in {r['timings']['total_seconds']:.2f} s (state in {Path(r['output']) / STATE_DIR})")
+    return 0
+
+
+def add_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``r2m-merge add --state DIR --specialist PATH [--output DIR] ...``; returns the exit code."""
+    p = argparse.ArgumentParser(prog="r2m-merge add", description="Add a specialist to a merge saved with its state.")
+    p.add_argument("--specialist", required=True, help="the new specialist")
+    _common(p)
+    args = p.parse_args(argv)
+    return _run_cli("r2m-merge add", args, lambda: add_specialist_files(
+        args.state, args.specialist, base=args.base, old_specialists=args.old, output=args.output,
+        device=args.device, shard_size=args.shard_size, force=args.force, progress=not args.quiet,
+        **_overrides(args)))
+
+
+def remove_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``r2m-merge remove --state DIR (--specialist PATH | --index I) [--output DIR] ...``."""
+    p = argparse.ArgumentParser(prog="r2m-merge remove", description="Remove a specialist from a merge saved with its state.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--specialist", help="the specialist to drop, by the path the state records")
+    which.add_argument("--index", type=int, help="the specialist to drop, by its position (0-based)")
+    _common(p)
+    args = p.parse_args(argv)
+    return _run_cli("r2m-merge remove", args, lambda: remove_specialist_files(
+        args.state, args.index if args.index is not None else args.specialist, base=args.base,
+        old_specialists=args.old, output=args.output, device=args.device, shard_size=args.shard_size,
+        force=args.force, progress=not args.quiet, **_overrides(args)))
+
+
+def merge_main(argv: Optional[Sequence[str]] = None) -> int:
+    """A full merge that also saves its state: every r2m-merge flag and YAML key (method r2m only)."""
+    from r2m_fast import cli
+
+    parser = cli.build_parser()
+    parser.prog = "python -m r2m_fast.incremental merge"
+    args = parser.parse_args(argv)
+    try:
+        settings = cli.resolve(args)
+    except (cli.CommandError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if settings["method"] != "r2m":
+        print(f"{parser.prog}: error: a merge state exists for method r2m only", file=sys.stderr)
+        return 2
+    return _run_cli(parser.prog, args, lambda: merge_files_with_state(
+        settings["base"], settings["specialists"], settings["output"], settings["config"],
+        prefix=settings.get("prefix"), device=settings.get("device"),
+        shard_size=settings.get("shard_size") or "5GB", force=args.force, progress=not args.quiet))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"merge": merge_main, "add": add_main, "remove": remove_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m r2m_fast.incremental {merge,add,remove} ... (--help after the command)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
