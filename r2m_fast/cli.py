@@ -178,7 +178,7 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
 
     from r2m_fast.engine import sketch_width
     from r2m_fast.io import FileSource
-    from r2m_fast.plan import COPY, DECOMPOSED, HEAD, build_plan
+    from r2m_fast.plan import DECOMPOSED, PASSTHROUGH, build_plan
 
     config, method = settings["config"], settings["method"]
     with FileSource(settings["base"], settings["specialists"], device=settings.get("device"),
@@ -204,7 +204,7 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
             m, n = layer.matrix
             numel = m * n
             largest = max(largest, numel * (layer.dtype.itemsize * (N + 1) + 4 * (N + 1)))
-            if layer.kind in (DECOMPOSED, "passthrough"):
+            if layer.kind in (DECOMPOSED, PASSTHROUGH):
                 flops += N * N * numel  # Gram
                 flops += 2 * (N + 1) * numel  # output combination
             if layer.rank is not None and layer.kind == DECOMPOSED:
