@@ -83,7 +83,7 @@ class SafetensorsFile:
         try:
             self.entries = self._read_header()
         except BaseException:
-            self._file.close()
+            self.close()
             raise
 
     def _read_header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
@@ -130,6 +130,8 @@ class SafetensorsFile:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())
+            if self._file is None:
+                self._file = _open_for_reading(self.path)
             try:
                 self._file.seek(offset)
                 got = self._file.readinto(view)
@@ -140,7 +142,10 @@ class SafetensorsFile:
         return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
-        self._file.close()
+        """Close the file handle; a later get re-opens it."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _open_for_reading(path: Path):
@@ -193,12 +198,19 @@ class Checkpoint:
 class SafetensorsCheckpoint(Checkpoint):
     """One file or several shards (name → shard from the index)."""
 
+    # Shards kept open at once per checkpoint: a merge reads in the base's order, which follows the
+    # shards, while N+1 models of hundreds of shards each would run into the open-file limit.
+    MAX_OPEN_SHARDS = 4
+
     def __init__(self, path: Path, shard_of: Mapping[str, Path], prefix: Optional[str]):
         self._shards: dict[Path, SafetensorsFile] = {}
+        self._open_order: list[Path] = []
         try:
             tensors, self._shard_of = {}, {}
             for shard in dict.fromkeys(shard_of.values()):
-                st = self._open(shard)
+                st = SafetensorsFile(shard)
+                st.close()  # header checked; data is read later
+                self._shards[shard] = st
                 for key, (shape, dtype, _, _) in st.entries.items():
                     if shard_of.get(key) == shard:
                         tensors[key] = (shape, dtype)
@@ -214,19 +226,20 @@ class SafetensorsCheckpoint(Checkpoint):
             self.close()
             raise
 
-    def _open(self, shard: Path) -> SafetensorsFile:
-        if shard not in self._shards:
-            self._shards[shard] = SafetensorsFile(shard)
-        return self._shards[shard]
-
     def get(self, name: str) -> torch.Tensor:
         key = self.key(name)
-        return self._open(self._shard_of[key]).get(key)
+        shard = self._shard_of[key]
+        if shard in self._open_order:
+            self._open_order.remove(shard)
+        self._open_order.append(shard)
+        while len(self._open_order) > self.MAX_OPEN_SHARDS:
+            self._shards[self._open_order.pop(0)].close()
+        return self._shards[shard].get(key)
 
     def close(self) -> None:
         for st in self._shards.values():
             st.close()
-        self._shards.clear()
+        self._open_order.clear()
 
 
 class PickleCheckpoint(Checkpoint):
