@@ -491,6 +491,26 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """Turn a default (fatal) SIGTERM into SystemExit(143) for the duration, so the writer's cleanup
+    runs; a handler the program installed itself (r2m-merge has one) is left alone."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class ShardedSafetensorsWriter:
     """A merge sink writing sharded safetensors atomically into `output` (a folder).
 
@@ -711,7 +731,7 @@ def merge_checkpoints(
     started = time.time()
     t0 = time.perf_counter()
     check_output_apart(output, [base, *specialists])
-    with FileSource(base, specialists, device=device, prefix=prefix) as source:
+    with _sigterm_cleans_up(), FileSource(base, specialists, device=device, prefix=prefix) as source:
         open_seconds = time.perf_counter() - t0
         layout = output_layout(source.specs(), config.out_dtype)
         with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:

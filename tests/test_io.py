@@ -360,3 +360,35 @@ def test_permission_denied(tmp_path, family):
             open_checkpoint(paths[1])
     finally:
         paths[1].chmod(0o644)
+
+
+def test_sigterm_during_merge_files_leaves_nothing(tmp_path, family):
+    """From Python too (no handler of the caller's): a default SIGTERM still cleans the temp folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from r2m_fast.io import SINK_DELAY_ENV
+
+    paths = write_safetensors(tmp_path, family)
+    code = (
+        "import sys, r2m_fast; "
+        "r2m_fast.merge_files(sys.argv[1], sys.argv[2:-1], sys.argv[-1], shard_size=1000)"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    env[SINK_DELAY_ENV] = "0.5"
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, paths), str(tmp_path / "out")], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        temps = list(tmp_path.glob(".out.tmp-*"))
+        if temps and any(temps[0].glob("*.safetensors")):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
