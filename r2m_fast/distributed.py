@@ -1,0 +1,383 @@
+"""Multi-process R²M with torch.distributed: layers sharded across ranks, one merged checkpoint.
+
+    torchrun --nproc-per-node 2 -m r2m_fast.distributed --base B --specialist S1 --specialist S2 --output OUT
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m r2m_fast.distributed CONFIG.yaml --device cuda
+
+Every rank opens the checkpoint headers, builds the same plan and the same assignment of layers to
+ranks (largest first, each to the least-loaded rank by bytes: round-robin for equal layers), and reads
+only its own layers. The exchanges are tiny and exact:
+
+    after pass 1   the Grams of all merged layers, (L, N, N) fp64: each rank fills its rows, one all-reduce
+                   (a sum of one value and zeros is exact, so every rank holds the single-process Grams)
+    the solve      rank 0 solves the N×N problem and broadcasts w (one answer even across unlike CPUs)
+    after pass 2   each truncated layer's kept σ², (L_trunc, N) fp64, same way; every rank then sums the
+                   residual norms in plan order, as the single-process engine does
+
+so the merged tensors are bit-identical to a single-process merge on the same backend, device and
+thread count (tested with 2 gloo ranks). Each rank writes its own shards into a temporary folder beside
+the output; rank 0 renames them model-0000i-of-0000n.safetensors, writes the index, the config and the
+report, and moves the folder into place. The output's parent must be on a filesystem every rank sees.
+Errors on any rank are exchanged at each step, so every rank stops with the first rank's message
+instead of hanging in a collective. NCCL on CUDA devices (device = cuda:LOCAL_RANK), gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+
+import torch
+import torch.distributed as dist
+
+from r2m_fast.backends import resolve_backend
+from r2m_fast.config import R2MConfig
+from r2m_fast.engine import (
+    LayerSource, MergeState, Sink, accumulate_pass, factor_pass, gram_pass, merge_report, new_state,
+    residual_norms_from_kept, residual_scales, solve_real_subspace,
+)
+from r2m_fast.plan import DECOMPOSED, LayerPlan
+from r2m_fast.result import MergeResult
+
+T = TypeVar("T")
+PathLike = Union[str, "os.PathLike[str]"]
+DEFAULT_TIMEOUT_S = 1800
+
+
+class RankFailed(RuntimeError):
+    """Another rank of the merge failed; the message is that rank's error."""
+
+
+def assign_layers(plan: Sequence[LayerPlan], world_size: int) -> dict[str, int]:
+    """Layer name → rank: largest first (bytes of one model's tensor), each to the least-loaded rank,
+    ties to the lowest rank. Depends only on the plan, so every rank computes the same assignment."""
+    loads = [0] * world_size
+    owner = {}
+    order = sorted(range(len(plan)), key=lambda i: (-plan[i].numel * plan[i].dtype.itemsize, i))
+    for i in order:
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[plan[i].name] = rank
+        loads[rank] += plan[i].numel * plan[i].dtype.itemsize
+    return owner
+
+
+class Comm:
+    """The few collectives a sharded merge needs, with errors exchanged instead of hangs."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        # NCCL reduces CUDA tensors only; the exchanged tensors are KB-sized, the copy is free.
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.backend = str(dist.get_backend(group))
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """fn() on this rank; if any rank raised, every rank raises (its own error, or RankFailed)."""
+        error: Optional[BaseException] = None
+        value = None
+        try:
+            value = fn()
+        except Exception as exc:  # KeyboardInterrupt ends the process; torchrun stops the others
+            error = exc
+        messages: list[Optional[str]] = [None] * self.world
+        text = None if error is None else (f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        dist.all_gather_object(messages, text, group=self.group)
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if failed:
+            rank, message = failed[0]
+            raise RankFailed(f"rank {rank} failed: {message}")
+        return value  # type: ignore[return-value]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce SUM of a CPU tensor whose entries only one rank fills: exact."""
+        work = tensor.to(self.device)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
+        return work.cpu()
+
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+@torch.no_grad()
+def merge_distributed(
+    source: LayerSource,
+    config: R2MConfig,
+    sink: Optional[Sink] = None,
+    progress: bool = False,
+    group: Optional[dist.ProcessGroup] = None,
+) -> MergeResult:
+    """R²M over a LayerSource on every rank of `group` (initialized): each rank merges its layers
+    (assign_layers) into `sink`, or into the returned state_dict when no sink is given. Every rank
+    returns the same report (global norms, η, eigenvalues) plus ``distributed`` (per-rank layers,
+    bytes and pass seconds)."""
+    comm = Comm(group)
+    start = time.perf_counter()
+    backend = resolve_backend(config.backend, source.device)
+    ops = backend.ops()
+    N = len(source.labels) - 1
+    full = comm.run(lambda: new_state(source, config, backend))
+    owner = assign_layers(full.plan, comm.world)
+    local = MergeState(
+        plan=[layer for layer in full.plan if owner[layer.name] == comm.rank],
+        range_finder_dtype=full.range_finder_dtype,
+    )
+    out: dict[str, torch.Tensor] = {}
+    sink = sink or out.__setitem__
+    sync = torch.cuda.synchronize if source.device.type == "cuda" else lambda: None
+    seconds: dict[str, float] = {}
+    show = progress and comm.rank == 0
+
+    t = time.perf_counter()
+    comm.run(lambda: gram_pass(source, local, config, ops, show))
+    merged = [layer.name for layer in full.plan if layer.merged]
+    grams = torch.zeros(len(merged), N, N, dtype=torch.float64)
+    for i, name in enumerate(merged):
+        if name in local.grams:
+            grams[i] = local.grams[name]
+    grams = comm.sum(grams)
+    full.grams = {name: grams[i] for i, name in enumerate(merged)}
+    real = comm.run(lambda: solve_real_subspace(full, config, N) if comm.rank == 0 else None)
+    real = comm.broadcast(real)
+    sync()
+    seconds["grams_and_solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    factors = comm.run(lambda: factor_pass(source, local, real, config, ops, show))
+    local.sketches.clear()
+    truncated = [layer.name for layer in full.plan if layer.rank is not None and layer.kind == DECOMPOSED]
+    kept = torch.zeros(len(truncated), N, dtype=torch.float64)
+    for i, name in enumerate(truncated):
+        if name in factors:
+            kept[i] = factors[name].kept_sq
+    kept = comm.sum(kept)
+    norms = residual_norms_from_kept(full, real, {name: kept[i] for i, name in enumerate(truncated)}, N)
+    eta = config.alpha * real.core_norm
+    scales = residual_scales(norms, eta, config.residual_scale)
+    sync()
+    seconds["factors"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    comm.run(lambda: accumulate_pass(source, local, real, factors, scales, config, ops, sink, show))
+    sync()
+    seconds["accumulate"] = time.perf_counter() - t
+
+    report = merge_report(full, real, norms, eta, config, backend, source.device, seconds)
+    mine = {
+        "layers": len(local.plan),
+        "bytes_per_model": sum(layer.numel * layer.dtype.itemsize for layer in local.plan),
+        "pass_seconds": seconds,
+        "seconds": time.perf_counter() - start,
+    }
+    ranks = comm.gather(mine)
+    report["distributed"] = {"world_size": comm.world, "comm_backend": comm.backend, "ranks": ranks}
+    report["seconds"] = max(r["seconds"] for r in ranks)
+    return MergeResult(state_dict=out, report=report)
+
+
+def _shard_names(total: int) -> list[str]:
+    from r2m_fast.io import SAFETENSORS_SINGLE
+
+    return [SAFETENSORS_SINGLE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+
+
+def merge_files_distributed(
+    base: PathLike,
+    specialists: Sequence[PathLike],
+    output: PathLike,
+    config: Optional[R2MConfig] = None,
+    *,
+    prefix: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    shard_size: Union[int, str] = "5GB",
+    force: bool = False,
+    progress: bool = False,
+    group: Optional[dist.ProcessGroup] = None,
+) -> MergeResult:
+    """r2m_fast.merge_files on every rank of an initialized process group: same output folder layout
+    (shards + model.safetensors.index.json, merge_config.yaml, merge_report.json), written atomically."""
+    import yaml
+
+    from r2m_fast.io import (
+        CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX, FileSource, ShardedSafetensorsWriter, check_output_apart,
+        output_layout, run_config_dict, versions,
+    )
+    from r2m_fast.plan import build_plan
+
+    config = config or R2MConfig()
+    comm = Comm(group)
+    started = time.time()
+    t0 = time.perf_counter()
+    out = Path(output)
+
+    def prepare() -> Optional[str]:
+        if comm.rank != 0:
+            return None
+        check_output_apart(output, [base, *specialists])
+        if out.exists() and not force:
+            raise FileExistsError(f"{out}: output exists; pass --force (force=True) to replace it")
+        parent = out.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent)
+
+    tmp_root = Path(comm.broadcast(comm.run(prepare)))
+    committed = False
+    try:
+        def visible() -> None:
+            if not tmp_root.is_dir():
+                raise RuntimeError(f"{tmp_root} is not visible here: the output folder must be on a filesystem every rank shares")
+
+        comm.run(visible)
+        source = comm.run(lambda: FileSource(base, specialists, device=device, prefix=prefix))
+        try:
+            specs = source.specs()
+            plan = build_plan(specs, config)
+            owner = assign_layers(plan, comm.world)
+            mine = {layer.name: specs[layer.name] for layer in plan if owner[layer.name] == comm.rank}
+            layout = output_layout(mine, config.out_dtype)
+            # Entered inside comm.run: a rank that cannot create its folder stops every rank.
+            writer = comm.run(lambda: ShardedSafetensorsWriter(
+                tmp_root / f"rank-{comm.rank:05d}", layout, shard_size=shard_size).__enter__())
+            try:
+                result = merge_distributed(source, config, sink=writer, progress=progress, group=group)
+                comm.run(lambda: writer.commit() if layout else None)
+            finally:
+                writer.__exit__(None, None, None)  # removes its temporary folder unless committed
+            shards = [[name for name, _, _ in shard] for shard in writer.shards] if layout else []
+            files = comm.gather({"files": list(writer.files) if layout else [], "shards": shards})
+        finally:
+            source.close()
+
+        def finish() -> Optional[dict]:
+            if comm.rank != 0:
+                return None
+            moves = [(tmp_root / f"rank-{r:05d}" / f, names) for r, info in enumerate(files)
+                     for f, names in zip(info["files"], info["shards"])]
+            final = _shard_names(len(moves))
+            weight_map = {}
+            for (path, names), name in zip(moves, final):
+                os.rename(path, tmp_root / name)
+                weight_map.update((n, name) for n in names)
+            for r in range(comm.world):
+                shutil.rmtree(tmp_root / f"rank-{r:05d}", ignore_errors=True)
+            layout_all = output_layout(specs, config.out_dtype)
+            if len(final) > 1:
+                total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in layout_all)
+                index = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n, _, _ in layout_all}}
+                (tmp_root / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            report = dict(result.report)
+            report.update({
+                "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
+                "prefix": prefix,
+                "output": str(output),
+                "files": final + ([SAFETENSORS_INDEX] if len(final) > 1 else []),
+                "versions": versions(),
+                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "timings": {"merge_seconds": result.report.get("seconds"),
+                            "pass_seconds": result.report.get("pass_seconds"),
+                            "total_seconds": time.perf_counter() - t0},
+            })
+            run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
+            run_cfg["nproc"] = comm.world
+            (tmp_root / CONFIG_FILE).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+            (tmp_root / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            if out.exists():
+                if not force:
+                    raise FileExistsError(f"{out}: output appeared during the merge; pass --force to replace it")
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=tmp_root.parent))
+                os.rename(out, trash / "old")
+                os.rename(tmp_root, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp_root, out)
+            return report
+
+        report = comm.broadcast(comm.run(finish))
+        committed = True
+        result.report = report
+        return result
+    finally:
+        if comm.rank == 0 and not committed:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def init_from_env(device: Optional[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL and
+    cuda:LOCAL_RANK when `device` names CUDA, gloo on CPU. Returns this rank's compute device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device is not None and str(device).startswith("cuda")
+    if cuda:
+        compute = torch.device("cuda", local_rank)
+        torch.cuda.set_device(compute)
+    else:
+        compute = torch.device("cpu")
+    if not dist.is_initialized():
+        kwargs = {"device_id": compute} if cuda else {}
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return compute
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``torchrun ... -m r2m_fast.distributed`` with r2m-merge's flags and YAML (method r2m)."""
+    from r2m_fast import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = cli.build_parser()
+    parser.prog = "torchrun --nproc-per-node N -m r2m_fast.distributed"
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds a rank waits for the others before failing ({DEFAULT_TIMEOUT_S})")
+    args = parser.parse_args(argv)
+    prog = "r2m_fast.distributed"
+    try:
+        settings = cli.resolve(args)
+        if settings["method"] != "r2m" or args.example or args.dry_run:
+            raise cli.CommandError("the distributed merge runs method r2m only, without --example or --dry-run")
+    except (cli.CommandError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = init_from_env(settings.get("device"), args.dist_timeout)
+    rank = dist.get_rank()
+    try:
+        result = merge_files_distributed(
+            settings["base"], settings["specialists"], settings["output"], settings["config"],
+            prefix=settings.get("prefix"), device=device, shard_size=settings.get("shard_size") or "5GB",
+            force=args.force, progress=not args.quiet,
+        )
+    except Exception as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{prog}: rank {rank}: error: {message}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 1
+    if rank == 0 and not args.quiet:
+        r = result.report
+        print(f"{prog}: merged {len(r['inputs']['specialists'])} specialists on {r['distributed']['world_size']} ranks "
+              f"({r['distributed']['comm_backend']}) into {r['output']} in {r['timings']['total_seconds']:.2f} s")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
