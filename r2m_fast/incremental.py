@@ -349,12 +349,14 @@ def _check_gram_block(name: str, recomputed: torch.Tensor, saved: torch.Tensor, 
     bad = (recomputed - saved).abs() > tol
     if not bool(bad.any()):
         return
-    rows = bad.any(1).nonzero().flatten().tolist()
-    if len(rows) == saved.shape[0] and saved.shape[0] > 1:
-        who = f"{labels[0]} (the base) or every specialist"
+    # A changed model spoils its whole row and column: name the model whose ‖τ‖² moved, else the
+    # row with the most changed entries; every diagonal moved means the base (or everything) changed.
+    diag_bad = torch.diagonal(bad)
+    if bool(diag_bad.all()) and saved.shape[0] > 1:
+        i, who = 0, f"{labels[0]} (the base) or every specialist"
     else:
-        who = labels[1 + rows[0]]
-    i = rows[0]
+        i = int(diag_bad.nonzero()[0]) if bool(diag_bad.any()) else int(bad.sum(1).argmax())
+        who = labels[1 + i]
     raise MergeInputError(
         f"{who}: tensor {name!r} differs from the model merged when the state was saved "
         f"(‖τ‖² {float(recomputed[i, i]):.6g}, saved {float(saved[i, i]):.6g}); pass the same base and "

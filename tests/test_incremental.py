@@ -1,0 +1,161 @@
+"""Incremental re-merge: add equals a from-scratch merge with the same seed bit for bit (CPU, torch
+backend, one thread: the saved sketches are the very products a fresh merge computes, and the add
+recomputes the whole Gram in the same GEMM); remove reuses the old Gram block, which a fresh merge of
+the kept models may round differently (MKL picks small-GEMM kernels by shape), so it is checked to a
+tolerance far below any model difference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import r2m_fast
+from models import model_family
+from r2m_fast import incremental as inc
+from r2m_fast.config import R2MConfig
+from r2m_fast.io import load_state_dict
+from r2m_fast.plan import MergeInputError
+
+CONFIG = R2MConfig(rank_ratio=0.2, head_prefix="head.", backend="torch", range_finder_precision="fp32")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # GEMM rounding may depend on the thread count; a state and its re-merge use the same one here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Remove: ‖got − want‖ ≤ this × ‖want − θ₀‖ per tensor (Gram rounding ~1e-16 relative moves w, the
+# merged update moves by fp32 rounding of the output, ~1e-7 relative).
+REMOVE_RTOL = 1e-5
+
+
+def assert_close_update(got: dict, want: dict, base: dict) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        update = (want[name].double() - base[name].double()).norm()
+        err = (got[name].double() - want[name].double()).norm()
+        assert err <= REMOVE_RTOL * update + 1e-12, f"{name}: {err:.3g} vs update {update:.3g}"
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), f"{name}: max diff {(got[name].double() - want[name].double()).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_add_then_remove_equal_from_scratch(dtype):
+    models = model_family(4, dtype, seed=11)
+    base, specs = models[0], models[1:]
+    first, state = inc.merge_with_state(base, specs[:3], CONFIG)
+    assert_same(first.state_dict, r2m_fast.merge(base, specs[:3], CONFIG).state_dict)
+
+    added, state4 = inc.add_specialist(state, base, specs[:3], specs[3])
+    assert_same(added.state_dict, r2m_fast.merge(base, specs, CONFIG).state_dict)
+    assert state4.num_specialists == 4 and added.report["incremental"]["operation"] == "add"
+
+    removed, state3 = inc.remove_specialist(state4, base, specs, 1)
+    kept = [specs[0], specs[2], specs[3]]
+    assert_close_update(removed.state_dict, r2m_fast.merge(base, kept, CONFIG).state_dict, base)
+    # The state after a remove is the state a fresh merge of the kept models would save (sketches
+    # exactly; Grams up to the rounding of a GEMM of another shape).
+    _, fresh = inc.merge_with_state(base, kept, CONFIG)
+    for name, gram in fresh.grams.items():
+        assert torch.allclose(state3.grams[name], gram, rtol=1e-6, atol=0), name
+    for name in fresh.sketch_names:
+        assert torch.equal(state3.sketch(name), fresh.sketch(name)), name
+
+
+def test_remerge_options_and_their_limits():
+    models = model_family(3, seed=2)
+    base, specs = models[0], models[1:]
+    _, state = inc.merge_with_state(base, specs[:2], CONFIG)
+    # α does not enter pass 1: an add may change it and still equals a fresh merge with it.
+    added, _ = inc.add_specialist(state, base, specs[:2], specs[2], alpha=0.3)
+    assert_same(added.state_dict, r2m_fast.merge(base, specs, CONFIG.replace(alpha=0.3)).state_dict)
+    with pytest.raises(ValueError, match="cannot change seed"):
+        inc.add_specialist(state, base, specs[:2], specs[2], seed=1)
+    with pytest.raises(MergeInputError, match="R²M needs at least 2"):
+        inc.remove_specialist(state, base, specs[:2], 0)
+    with pytest.raises(MergeInputError, match="holds 2 specialists, 1 were given"):
+        inc.add_specialist(state, base, specs[:1], specs[2])
+
+
+def test_changed_old_model_is_refused_in_memory():
+    models = model_family(3, seed=4)
+    base, specs = models[0], models[1:]
+    _, state = inc.merge_with_state(base, specs, CONFIG)
+    changed = dict(specs[1])
+    w = changed["blocks.0.mlp.fc1.weight"]
+    changed["blocks.0.mlp.fc1.weight"] = w + 0.5 * (w - base["blocks.0.mlp.fc1.weight"])
+    old = [specs[0], changed, specs[2]]
+    with pytest.raises(MergeInputError, match=r"specialists\[1\]: tensor 'blocks.0.mlp.fc1.weight' differs from the model merged"):
+        inc.add_specialist(state, base, old, specs[0])
+    # A remove has no pass 1: the kept models are checked at their first load, before anything is returned.
+    with pytest.raises(MergeInputError, match=r"differs from the model merged when the state was saved"):
+        inc.remove_specialist(state, base, old, 0)
+
+
+def _write(models, folder):
+    folder.mkdir()
+    paths = []
+    for i, model in enumerate(models):
+        path = folder / ("base.safetensors" if i == 0 else f"s{i}.safetensors")
+        save_file(model, str(path))
+        paths.append(path)
+    return paths[0], paths[1:]
+
+
+def test_files_state_round_trip_add_and_remove_cli(tmp_path):
+    models = model_family(3, seed=7)
+    base, specs = _write(models, tmp_path / "in")
+    out = tmp_path / "merged"
+    inc.merge_files_with_state(base, specs[:2], out, CONFIG, shard_size=20_000)
+    assert_same(load_state_dict(out), r2m_fast.merge(models[0], models[1:3], CONFIG).state_dict)
+
+    # Round trip: the loaded state is the in-memory one.
+    _, mem = inc.merge_with_state(models[0], models[1:3], CONFIG)
+    loaded = inc.load_state(out)  # the merged folder or its r2m_state/ both work
+    meta = json.loads((out / inc.STATE_DIR / inc.STATE_JSON).read_text())
+    assert meta["num_specialists"] == 2 and meta["seed"] == 0 and len(meta["specialists"]) == 2
+    assert loaded.config == mem.config and loaded.range_finder_dtype == mem.range_finder_dtype
+    for name, gram in mem.grams.items():
+        assert torch.equal(loaded.grams[name], gram), name
+    for name in mem.sketch_names:
+        assert torch.equal(loaded.sketch(name), mem.sketch(name)), name
+
+    # add through the CLI, in place (no --output: the merged folder is rewritten with its new state)
+    assert inc.add_main(["--state", str(out / inc.STATE_DIR), "--specialist", str(specs[2]), "--quiet"]) == 0
+    assert_same(load_state_dict(out), r2m_fast.merge(models[0], models[1:], CONFIG).state_dict)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["incremental"]["operation"] == "add" and inc.load_state(out).num_specialists == 3
+
+    # remove by recorded path into a new folder
+    out2 = tmp_path / "removed"
+    assert inc.remove_main(["--state", str(out), "--specialist", str(specs[0]), "--output", str(out2), "--quiet"]) == 0
+    want = r2m_fast.merge(models[0], [models[2], models[3]], CONFIG).state_dict
+    assert_close_update(load_state_dict(out2), want, models[0])
+
+
+def test_changed_file_is_refused_before_reading(tmp_path, capsys):
+    models = model_family(3, seed=9)
+    base, specs = _write(models, tmp_path / "in")
+    out = tmp_path / "merged"
+    inc.merge_files_with_state(base, specs[:2], out, CONFIG)
+    changed = dict(models[2])
+    changed["pos_embed"] = changed["pos_embed"] + 1e-3
+    save_file(changed, str(specs[1]))
+    with pytest.raises(MergeInputError, match=r"s2.safetensors: s2.safetensors has changed since the state was saved"):
+        inc.add_specialist_files(out, specs[2], output=tmp_path / "o")
+    assert inc.add_main(["--state", str(out), "--specialist", str(specs[2]), "--output", str(tmp_path / "o")]) == 1
+    assert "has changed since the state was saved" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
