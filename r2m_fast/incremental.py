@@ -460,7 +460,7 @@ def merge_with_state(
     gram_pass(source, merge_state, config, backend.ops(), progress)
     state = _state_from_merge(merge_state, config, source, backend, ModelRecord(),
                               [ModelRecord() for _ in specialists], None)
-    result = merge_from_state(source, merge_state, config, backend, None, progress, start=start)
+    result = merge_from_state(source, merge_state, config, backend, None, progress, start=start, pass1_start=start)
     return result, state
 
 
@@ -524,7 +524,7 @@ def _run_add(source: LayerSource, state: IncrementalState, config: R2MConfig, si
     new = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
     if save_to is not None:
         save_state(new, save_to, extra)
-    result = merge_from_state(source, merge_state, config, backend, sink, progress, start=start)
+    result = merge_from_state(source, merge_state, config, backend, sink, progress, start=start, pass1_start=start)
     result.report["incremental"] = {"operation": "add", "reused_sketches_of": state.num_specialists}
     return result, new
 
@@ -543,7 +543,7 @@ def _run_remove(source: LayerSource, state: IncrementalState, index: int, config
     merged = {layer.name for layer in merge_state.plan if layer.merged}
     diag = {name: torch.diagonal(g).clone() for name, g in merge_state.grams.items()}
     verifying = _VerifyingSource(source, merged, diag)
-    result = merge_from_state(verifying, merge_state, config, backend, sink, progress, start=start)
+    result = merge_from_state(verifying, merge_state, config, backend, sink, progress, start=start, pass1_start=start)
     result.report["incremental"] = {"operation": "remove", "removed_index": index}
     return result, new
 
@@ -620,22 +620,25 @@ def merge_files_with_state(
         state = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
         save_state(state, save_to, extra)
         del state  # its sketches are the merge state's own tensors; nothing else keeps them
-        return merge_from_state(source, merge_state, config, backend, sink, progress, start=start), None
+        return merge_from_state(source, merge_state, config, backend, sink, progress, start=start, pass1_start=start), None
 
     return _write_files(base, specialists, output, config, run=run, prefix=prefix, device=device,
                         shard_size=shard_size, force=force, progress=progress, operation="merge")
 
 
-def _resolve_inputs(state: IncrementalState, base: Optional[PathLike], old: Optional[Sequence[PathLike]]
-                    ) -> tuple[PathLike, list[PathLike]]:
+def _resolve_inputs(state: IncrementalState, base: Optional[PathLike], old: Optional[Sequence[PathLike]],
+                    skip: Optional[int] = None) -> tuple[PathLike, list[PathLike]]:
+    """Base and old specialist paths (default: as recorded), fingerprint-checked; `skip` (the model a
+    remove drops) is neither read nor checked, so it may be gone from disk."""
     base = base if base is not None else state.base.path
     old = list(old) if old is not None else [s.path for s in state.specialists]
-    if base is None or any(p is None for p in old):
+    if base is None or any(p is None for j, p in enumerate(old) if j != skip):
         raise MergeInputError("the state was made in memory and records no paths: pass base and old_specialists")
     _check_count(state, old)
     check_fingerprint("base", base, state.base.fingerprint)
     for j, (path, record) in enumerate(zip(old, state.specialists)):
-        check_fingerprint(f"specialist {j}", path, record.fingerprint)
+        if j != skip:
+            check_fingerprint(f"specialist {j}", path, record.fingerprint)
     return base, old
 
 
@@ -688,7 +691,7 @@ def remove_specialist_files(
             raise MergeInputError(f"{specialist}: not a specialist of this state ({', '.join(map(str, recorded))})")
         index = recorded.index(path)
     index = _check_index(state, index)
-    base, old = _resolve_inputs(state, base, old_specialists)
+    base, old = _resolve_inputs(state, base, old_specialists, skip=index)
     config = _config_for_remerge(state, overrides)
     if output is None:
         output, force = _default_output(state_dir), True

@@ -139,7 +139,8 @@ def test_files_state_round_trip_add_and_remove_cli(tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["incremental"]["operation"] == "add" and inc.load_state(out).num_specialists == 3
 
-    # remove by recorded path into a new folder
+    # remove by recorded path into a new folder; the removed model is not read, so it may be gone
+    specs[0].rename(tmp_path / "moved.safetensors")
     out2 = tmp_path / "removed"
     assert inc.remove_main(["--state", str(out), "--specialist", str(specs[0]), "--output", str(out2), "--quiet"]) == 0
     want = r2m_fast.merge(models[0], [models[2], models[3]], CONFIG).state_dict
