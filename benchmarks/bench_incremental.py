@@ -92,10 +92,10 @@ def incremental_rows(shapes, sizes, repeats, config=None, device="cpu"):
     return rows
 
 
-def _rank(rank, world, port, folder, n, queue):
+def _rank(rank, world, port, folder, n, threads, queue):
     from r2m_fast.distributed import merge_files_distributed
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     d = Path(folder)
@@ -109,7 +109,9 @@ def _rank(rank, world, port, folder, n, queue):
     dist.destroy_process_group()
 
 
-def distributed_rows(shapes, n, repeats):
+def distributed_rows(shapes, n, repeats, worlds, total_threads):
+    """One process with `total_threads` threads vs `world` gloo ranks of total_threads/world threads each
+    (same cores in all rows); times exclude process start, outputs compared with the one process."""
     from safetensors.torch import save_file
 
     from r2m_fast.io import load_state_dict
@@ -118,25 +120,20 @@ def distributed_rows(shapes, n, repeats):
     with tempfile.TemporaryDirectory() as folder:
         d = Path(folder)
         models = synthetic_family(shapes, n, seed=100)
+        base = models[0]
         save_file(models[0], str(d / "base.safetensors"))
         for i, m in enumerate(models[1:], 1):
             save_file(m, str(d / f"s{i}.safetensors"))
         del models
         paths = [d / f"s{i}.safetensors" for i in range(1, n + 1)]
-        reference = None
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            t, _ = best(lambda: r2m_fast.merge_files(d / "base.safetensors", paths, d / f"single_{threads}", CONFIG,
-                                                     force=True), repeats)
-            row = {"setup": f"1 process, {threads} thread(s)", "seconds": t}
-            if threads == 1:
-                reference = load_state_dict(d / "single_1")
-            else:
-                row["bitwise"] = same(load_state_dict(d / f"single_{threads}"), reference)
-            rows.append(row)
-            print(rows[-1], flush=True)
-        torch.set_num_threads(1)
-        for world in (1, 2):
+        torch.set_num_threads(total_threads)
+        t_single, _ = best(lambda: r2m_fast.merge_files(d / "base.safetensors", paths, d / "single", CONFIG,
+                                                        force=True), repeats)
+        reference = load_state_dict(d / "single")
+        rows.append({"setup": f"1 process × {total_threads} thread(s)", "seconds": t_single, "speedup": 1.0})
+        print(rows[-1], flush=True)
+        for world in worlds:
+            threads = max(1, total_threads // world)
             times = []
             ctx = mp.get_context("spawn")
             for _ in range(repeats):
@@ -144,11 +141,15 @@ def distributed_rows(shapes, n, repeats):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", 0))
                     port = s.getsockname()[1]
-                mp.start_processes(_rank, args=(world, port, folder, n, queue), nprocs=world, start_method="spawn")
+                mp.start_processes(_rank, args=(world, port, folder, n, threads, queue), nprocs=world,
+                                   start_method="spawn")
                 times.append(queue.get())
-            equal = same(load_state_dict(d / f"out_w{world}"), reference)
-            rows.append({"setup": f"{world} gloo rank(s) × 1 thread", "seconds": min(times), "bitwise": equal})
+            got = load_state_dict(d / f"out_w{world}")
+            rows.append({"setup": f"{world} gloo rank(s) × {threads} thread(s)", "seconds": min(times),
+                         "speedup": t_single / min(times), "bitwise": same(got, reference),
+                         "diff": max_rel_diff(got, reference, base)})
             print(rows[-1], flush=True)
+        torch.set_num_threads(1)
     return rows
 
 
@@ -223,6 +224,9 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--sizes", type=int, nargs="+", default=[4, 8])
     p.add_argument("--dist-n", type=int, default=4)
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="gloo world sizes of part 2")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads in all of part 2 (split across ranks)")
+    p.add_argument("--skip-incremental", action="store_true", help="part 2 only")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cpu", help="cuda: part 1 on the GPU (torch and auto backends), part 2 "
@@ -233,8 +237,8 @@ def main() -> None:
     torch.set_num_threads(1)
     shapes = vit_shapes(args.width, args.depth)
     params = sum(torch.Size(s).numel() for s in shapes.values())
-    inc_rows = incremental_rows(shapes, args.sizes, args.repeats)
-    dist_rows = distributed_rows(shapes, args.dist_n, args.repeats)
+    inc_rows = [] if args.skip_incremental else incremental_rows(shapes, args.sizes, args.repeats)
+    dist_rows = distributed_rows(shapes, args.dist_n, args.repeats, args.worlds, args.threads)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     cpu = platform.processor() or platform.machine()
@@ -254,21 +258,23 @@ def main() -> None:
         f"rank_ratio {CONFIG.rank_ratio}, power_iters {CONFIG.effective_power_iters}, fp32 range finder, "
         f"torch backend; best of {args.repeats}.",
         "",
-        "## Add vs full re-merge (in memory, 1 thread)",
-        "",
-    ] + table(inc_rows)
-    lines += ["", "Per pass (s): " + "; ".join(
+    ]
+    if inc_rows:
+        lines += ["## Add vs full re-merge (in memory, 1 thread)", ""] + table(inc_rows)
+    if inc_rows:
+        lines += ["", "Per pass (s): " + "; ".join(
         f"N {r['N']}: full " + ", ".join(f"{k} {v:.2f}" for k, v in r["pass_full"].items())
         + " / add " + ", ".join(f"{k} {v:.2f}" for k, v in r["pass_add"].items()) for r in inc_rows), ""]
     lines += [
-        f"## 1 vs 2 processes (files on disk, N = {args.dist_n}, gloo on CPU)",
+        f"## 1 process vs gloo ranks (files on disk, N = {args.dist_n}, {args.threads} CPU thread(s) in every row)",
         "",
-        "| setup | merge (s) | output equals 1 process × 1 thread |",
-        "|---|---|---|",
+        "| setup | merge (s) | speed-up | output vs 1 process |",
+        "|---|---|---|---|",
     ]
     for r in dist_rows:
-        eq = "reference" if "bitwise" not in r else ("yes, bit for bit" if r["bitwise"] else "no (rounding: other GEMM thread split)")
-        lines.append(f"| {r['setup']} | {r['seconds']:.2f} | {eq} |")
+        eq = "reference" if "bitwise" not in r else (
+            "bit-identical" if r["bitwise"] else f"rel. diff {r['diff']:.1e} (GEMM thread split)")
+        lines.append(f"| {r['setup']} | {r['seconds']:.2f} | {r['speedup']:.2f}× | {eq} |")
     lines.append("")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"incremental_{now:%Y-%m-%d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

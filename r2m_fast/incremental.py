@@ -394,13 +394,13 @@ def _add_pass(source: LayerSource, state: IncrementalState, merge_state: MergeSt
             merge_state.sketches[layer.name] = torch.cat([old, new])
 
 
-def _remove_pass(state: IncrementalState, merge_state: MergeState, index: int) -> None:
+def _remove_pass(state: IncrementalState, merge_state: MergeState, index: int, device: torch.device) -> None:
     """A remove needs no pass: drop row and column `index` of each Gram and model `index`'s sketches."""
     keep = [j for j in range(state.num_specialists) if j != index]
     for name, gram in state.grams.items():
         merge_state.grams[name] = gram[keep][:, keep].contiguous()
     for name in state.sketch_names:
-        merge_state.sketches[name] = state.sketch(name, keep)
+        merge_state.sketches[name] = state.sketch(name, keep).to(device)  # sketches live on the compute device
 
 
 class _VerifyingSource:
@@ -536,7 +536,7 @@ def _run_remove(source: LayerSource, state: IncrementalState, index: int, config
     backend = resolve_backend(config.backend, source.device)
     start = time.perf_counter()
     merge_state = _check_source(source, state, config, backend)
-    _remove_pass(state, merge_state, index)
+    _remove_pass(state, merge_state, index, source.device)
     new = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
     if save_to is not None:
         save_state(new, save_to, extra)
