@@ -198,10 +198,17 @@ def write(out_dir: str, meta: dict, seeds: list[dict], plots: bool = True) -> No
         lines += ["## Task arithmetic λ", "", *ta, ""]
     times = {m: _ms([s["merge_seconds"][m] for s in seeds if m in s["merge_seconds"]]) for m in MERGES
              if any(m in s["merge_seconds"] for s in seeds)}
-    lines += ["## Time", "", "| step | seconds per seed |", "|---|---|"]
-    for key in ("specialists_s", "joint_s", "merges_and_eval_s", "seed_s"):
-        lines.append(f"| {key[:-2]} | {np.mean([s['times'][key] for s in seeds]):.0f} |")
-    lines += [f"| merge ({m}, 5 specialists, 2.2 M params) | {t[0]:.2f} |" for m, t in times.items()]
+    # One column per seed: a seed whose training was loaded (--reuse-training) is marked, its training
+    # rows are load + evaluation times, not training times.
+    heads = [f"seed {s['seed']}" + (" (training loaded)" if s.get("reused_training") else "") for s in seeds]
+    lines += ["## Time", "", "Seconds, wall clock, on a 2-core machine shared with other jobs.", "",
+              "| step | " + " | ".join(heads) + " |", "|---|" + "---|" * len(seeds)]
+    names = {"specialists_s": "5 specialists (train + evaluate)", "joint_s": "joint model (train + evaluate)",
+             "merges_and_eval_s": "all merges + evaluations", "seed_s": "whole seed (with data)"}
+    for key, label in names.items():
+        lines.append(f"| {label} | " + " | ".join(f"{s['times'][key]:.0f}" for s in seeds) + " |")
+    lines += ["", "| merge (5 specialists, 2.2 M params) | seconds (mean over seeds) |", "|---|---|"]
+    lines += [f"| {m} | {t[0]:.2f} |" for m, t in times.items()]
     lines += ["", "Forgery strengths: " + ", ".join(f"{k}={v}" for k, v in meta["strength"].items()) + ".", ""]
     if plots:
         lines += ["## Plots", "", "![mean AUC](detector_mean_auc.png)", "", "![per family](detector_per_family.png)", ""]
