@@ -99,7 +99,8 @@ def fingerprint(path: PathLike) -> dict[str, Any]:
             for pos in positions:
                 handle.seek(pos)
                 digest.update(handle.read(FINGERPRINT_CHUNK))
-        out[file.name] = {"size": size, "blake2b_sampled": digest.hexdigest()}
+        # A single-file checkpoint is keyed by role, not name, so a renamed copy still matches.
+        out[file.name if path.is_dir() else "checkpoint file"] = {"size": size, "blake2b_sampled": digest.hexdigest()}
     return out
 
 

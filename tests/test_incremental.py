@@ -151,11 +151,14 @@ def test_changed_file_is_refused_before_reading(tmp_path, capsys):
     models = model_family(3, seed=9)
     base, specs = _write(models, tmp_path / "in")
     out = tmp_path / "merged"
-    inc.merge_files_with_state(base, specs[:2], out, CONFIG)
+    assert inc.main(["merge", "--base", str(base), "--specialist", str(specs[0]), "--specialist", str(specs[1]),
+                     "--output", str(out), "--rank-ratio", "0.2", "--head-prefix", "head.", "--backend", "torch",
+                     "--range-finder-precision", "fp32", "--quiet"]) == 0
+    assert inc.load_state(out).config == CONFIG
     changed = dict(models[2])
     changed["pos_embed"] = changed["pos_embed"] + 1e-3
     save_file(changed, str(specs[1]))
-    with pytest.raises(MergeInputError, match=r"s2.safetensors: s2.safetensors has changed since the state was saved"):
+    with pytest.raises(MergeInputError, match=r"s2.safetensors: checkpoint file has changed since the state was saved \(content differs\)"):
         inc.add_specialist_files(out, specs[2], output=tmp_path / "o")
     assert inc.add_main(["--state", str(out), "--specialist", str(specs[2]), "--output", str(tmp_path / "o")]) == 1
     assert "has changed since the state was saved" in capsys.readouterr().err
