@@ -47,13 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned specialists of one base model by R²M (or a baseline), streaming "
         "one layer at a time. Inputs: .safetensors, Hugging Face folders, .pt/.pth/.bin state dicts.",
         epilog="YAML keys: base, specialists, output, method, any R2MConfig field (rank_ratio, alpha, "
-        "k_real, ...), method options (scaling, density), prefix, shard_size, device. Flags override it.",
+        "k_real, ...), method options (scaling, density), prefix, shard_size, device. Flags override it. "
+        "Incremental re-merges: `r2m-merge add --state DIR --specialist PATH` and "
+        "`r2m-merge remove --state DIR (--specialist PATH | --index I)` on a merge run with --save-state.",
     )
     p.add_argument("config", nargs="?", help="YAML file with the merge (flags override its values)")
     io = p.add_argument_group("inputs and output")
     io.add_argument("--base", help="the pretrained model θ₀")
     io.add_argument("--specialist", action="append", dest="specialists", metavar="PATH",
                     help="a fine-tuned model (repeat, at least twice)")
+    io.add_argument("--save-state", action="store_true",
+                    help="also save the merge state (Grams, sketches) in OUTPUT/r2m_state for `r2m-merge add/remove`")
     io.add_argument("--output", help="output folder (written atomically)")
     io.add_argument("--force", action="store_true", help="replace an existing output folder")
     io.add_argument("--shard-size", help="largest shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
@@ -262,6 +266,16 @@ def _on_sigterm(signum, frame) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``r2m-merge``; returns the exit code (also raised as SystemExit by the script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Incremental re-merges (r2m_fast.incremental): `r2m-merge add|remove ...`, and a merge that
+    # saves the state they need with `--save-state`.
+    if argv and argv[0] in ("add", "remove"):
+        from r2m_fast import incremental
+
+        return incremental.add_main(argv[1:]) if argv[0] == "add" else incremental.remove_main(argv[1:])
+    if "--save-state" in argv:
+        from r2m_fast import incremental
+
+        return incremental.merge_main([a for a in argv if a != "--save-state"])
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = None

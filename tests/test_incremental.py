@@ -163,3 +163,24 @@ def test_changed_file_is_refused_before_reading(tmp_path, capsys):
     assert inc.add_main(["--state", str(out), "--specialist", str(specs[2]), "--output", str(tmp_path / "o")]) == 1
     assert "has changed since the state was saved" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_r2m_merge_command_dispatches_add_and_remove(tmp_path):
+    """`r2m-merge --save-state`, `r2m-merge add` and `r2m-merge remove` reach the incremental commands."""
+    from safetensors.torch import save_file
+
+    from models import model_family
+    from r2m_fast import cli
+
+    models = model_family(3, with_buffer=False)
+    paths = []
+    for i, sd in enumerate(models):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        paths.append(str(path))
+    out = tmp_path / "merged"
+    args = ["--base", paths[0], "--specialist", paths[1], "--specialist", paths[2], "--output", str(out), "--quiet"]
+    assert cli.main(args + ["--save-state"]) == 0
+    assert (out / "r2m_state").is_dir()
+    assert cli.main(["add", "--state", str(out / "r2m_state"), "--specialist", paths[3], "--quiet"]) == 0
+    assert cli.main(["remove", "--state", str(out / "r2m_state"), "--index", "2", "--quiet"]) == 0
