@@ -11,6 +11,7 @@ back and logs the reason once.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ def _triton_reason(device: torch.device) -> Optional[str]:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"triton does not import ({exc}); install the extra: pip install 'r2m_fast[triton]'"
+    if importlib.util.find_spec("r2m_fast.kernels") is None:
+        # kernels/ becomes r2m_fast.kernels only when the package is installed (setup.py package_dir).
+        return "r2m_fast.kernels is not importable: install the package (pip install -e .) rather than using PYTHONPATH"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and _triton_interpreting():
