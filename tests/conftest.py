@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from models import model_family
+
 # Triton's @jit reads TRITON_INTERPRET when kernels are decorated, so a run that wants the
 # interpreter must set it in the environment before pytest starts (see .ci/run); nothing here
 # changes it. Collapse autotuning to one config under the interpreter (every config would run).
@@ -24,3 +26,18 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared cores: several OpenMP threads on tiny linear algebra spin far more than they work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def family():
+    """A base and three specialists (tests/models.py), shared by a module's tests."""
+    return model_family(3)

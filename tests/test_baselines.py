@@ -21,21 +21,7 @@ from r2m_fast.baselines import METHODS, method_options, tsvm_tau
 from r2m_fast.engine import DictSource
 from r2m_fast.baselines import run_baseline
 
-from models import model_family
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: several OpenMP threads on tiny linear algebra spin far more than they work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def family():
-    return model_family(3)
 
 
 # --- direct float64 implementations, written from the papers' definitions ----------------------

@@ -20,23 +20,9 @@ import r2m_fast
 from r2m_fast.cli import main
 from r2m_fast.io import SINK_DELAY_ENV
 
-from models import model_family
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: several OpenMP threads on tiny linear algebra spin far more than they work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def family():
-    return model_family(3)
 
 
 @pytest.fixture()

@@ -24,19 +24,6 @@ from models import model_family
 CONFIG = r2m_fast.R2MConfig(head_prefix="head.", rank_ratio=0.2, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: several OpenMP threads on tiny linear algebra spin far more than they work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def family():
-    return model_family(3)
-
 
 def write_safetensors(folder: Path, models, stem="m") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
