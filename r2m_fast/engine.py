@@ -25,7 +25,7 @@ import torch
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.plan import (
-    COPY, DECOMPOSED, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
+    COPY, DECOMPOSED, EIGEN_RTOL, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
     MergeInputError, check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
@@ -33,8 +33,6 @@ from r2m_fast.result import MergeResult
 Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 Sink = Callable[[str, torch.Tensor], None]
 
-# Same rule as the reference: eigenvalues under this fraction of the largest are zero.
-EIGEN_RTOL = 1e-12
 # Relative gap under which λ_k and λ_{k+1} are a tie and the Real subspace is ambiguous.
 TIE_RTOL = 1e-6
 

@@ -22,6 +22,10 @@ HEAD = "head"                # under head_prefix: plain average of the specialis
 COPY = "copy"                # integer/bool buffer: copied from the base untouched
 
 
+# An eigenvalue of C below this fraction of the largest is numerically zero: its direction carries
+# no task signal, and dividing by it would amplify rounding. Both the reference and the engine use it.
+EIGEN_RTOL = 1e-12
+
 # A residual below this fraction of its own task vector's norm is the rounding noise left when a
 # specialist equals the Real component (identical specialists): it stays 0 instead of being
 # rescaled to unit norm, where it would inject pure noise. Both the reference and the engine use it.

@@ -15,14 +15,9 @@ import torch
 
 from r2m_fast.config import R2MConfig
 from r2m_fast.plan import (
-    COPY, DECOMPOSED, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, ModelLike, as_state_dict, build_plan, check_compatible, check_finite,
+    COPY, DECOMPOSED, EIGEN_RTOL, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, ModelLike, as_state_dict, build_plan, check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
-
-# An eigenvalue of C below this fraction of the largest is numerically zero: its direction carries
-# no task signal, and dividing by it would amplify rounding.
-EIGEN_RTOL = 1e-12
-
 
 def block_weight(A: torch.Tensor, block_norm: str) -> float:
     """γ_l of DESIGN §1 for the N × P block A (0 for an unchanged layer)."""
