@@ -125,11 +125,12 @@ def _apply(y: torch.Tensor, r_inv: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def orthonormalize(y: torch.Tensor) -> torch.Tensor:
+def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
     """Orthonormal bases of a batch of tall-skinny matrices by shifted CholeskyQR3 (Triton products).
 
     Args:
         y: (B, m, s) with s ≤ m, any floating dtype (used as fp32), any strides.
+        steps: CholeskyQR steps (see r2m_fast.ops_torch.orthonormalize).
 
     Returns:
         (B, m, s) fp32 with orthonormal columns wherever y has full column rank; a rank-deficient
@@ -142,6 +143,6 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     if q.numel() == 0:
         return q.clone()
     with device_guard(q):
-        for _ in range(3):
+        for _ in range(steps):
             q = _apply(q, _inverse_cholesky_factor(_gram(q)).contiguous())
     return q

@@ -397,9 +397,9 @@ def residual_matmul(
     return _delegate().residual_matmul(weights, core_coeffs, rhs, transpose)
 
 
-def orthonormalize(y: torch.Tensor) -> torch.Tensor:
+def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
     """Orthonormal bases of (B, m, s) sketches: the Triton kernel (torch without Triton)."""
-    return _delegate().orthonormalize(y)
+    return _delegate().orthonormalize(y, steps)
 
 
 def describe() -> str:

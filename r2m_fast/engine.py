@@ -278,10 +278,11 @@ def factorize_residuals(
 
     starts = [z - torch.einsum("j,jms->ms", w.to(z), z) for w, z in zip(core_coeffs, sketches)]
     y = starts[0] if count == 1 else torch.cat(starts)
-    q = ops.orthonormalize(y)
-    for _ in range(power_iters):
-        p = ops.orthonormalize(each(q.to(fast_dtype), True))
-        q = ops.orthonormalize(each(p.to(fast_dtype), False))
+    # Intermediate bases only steer the subspace: 2 CholeskyQR steps; the basis Bᵢ is formed on gets 3.
+    q = ops.orthonormalize(y, steps=2 if power_iters else 3)
+    for i in range(power_iters):
+        p = ops.orthonormalize(each(q.to(fast_dtype), True), steps=2)
+        q = ops.orthonormalize(each(p.to(fast_dtype), False), steps=3 if i == power_iters - 1 else 2)
     bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
     small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # Bᵢ Bᵢᵀ
     evals, evecs = torch.linalg.eigh(small)

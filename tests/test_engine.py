@@ -214,3 +214,20 @@ def test_tie_between_eigenvalues_warns():
     e2[1, 1] = 1.0
     with pytest.warns(RuntimeWarning, match="tie"):
         r2m_fast.merge(base, [{"w": e1}, {"w": e2}], rank_ratio=None)
+
+
+@pytest.mark.parametrize("steps,bound", [(2, 1e-4), (3, 1e-5)])
+def test_orthonormalize_steps_condition_an_ill_conditioned_sketch(steps, bound):
+    """The range finder's intermediate bases take 2 CholeskyQR steps, the final one 3: at cond(Y) = 1e4
+    both are orthonormal bases of span(Y), while one step is not (so the step count is tested)."""
+    gen = torch.Generator().manual_seed(3)
+    m, s = 700, 40
+    u = torch.linalg.qr(torch.randn(m, s, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(s, s, generator=gen, dtype=torch.float64))[0]
+    y = ((u * torch.logspace(0, -4, s, dtype=torch.float64)) @ v.T).float()[None]
+    eye = torch.eye(s)
+    for k, want_ok in ((1, False), (steps, True)):
+        q = ops_torch.orthonormalize(y, steps=k)
+        assert ((q.transpose(1, 2) @ q - eye).abs().max() < bound) == want_ok, k
+    resid = y - q @ (q.transpose(1, 2) @ y)
+    assert torch.linalg.vector_norm(resid) <= 1e-5 * torch.linalg.vector_norm(y)

@@ -123,17 +123,19 @@ def test_split_reductions_match(device, splits):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B,m,s", [(3, 47, 9), (8, 129, 20), (2, 65, 40), (2, 5, 5)])
-def test_orthonormalize_matches_torch_and_is_orthonormal(device, B, m, s):
+@pytest.mark.parametrize("steps", [2, 3])
+def test_orthonormalize_matches_torch_and_is_orthonormal(device, B, m, s, steps):
     y = torch.randn(B, m, s, device=device) * torch.logspace(0, -4, s, device=device)  # cond ~1e4
-    q = kernels.orthonormalize(y)
-    ref = ops_torch.orthonormalize(y)
+    q = kernels.orthonormalize(y, steps)
+    ref = ops_torch.orthonormalize(y, steps)
     assert q.dtype == torch.float32 and q.shape == y.shape
     # Q R⁻¹ runs in 3xTF32 on GPUs (~2⁻²¹ per product against fp32's 2⁻²⁴): a looser bound there.
     tol = 2e-5 if device == "cpu" else 1e-4
     assert_close_verbose(q, ref, tol, tol, name="Q", reduce_dim=s)
     eye = torch.eye(s, device=device)
-    # 1e-6-shifted CholeskyQR: squared column norms are biased by ~1e-6 (see ops_torch).
-    assert (q.transpose(1, 2) @ q - eye).abs().max() < 1e-5
+    # 1e-6-shifted CholeskyQR: squared column norms are biased by ~1e-6 (see ops_torch); two steps
+    # leave an intermediate basis only near-orthonormal (1e-2 here, where square y is worse than 1e4).
+    assert (q.transpose(1, 2) @ q - eye).abs().max() < (1e-5 if steps == 3 else 1e-2)
     # Q spans Y: Y − Q QᵀY vanishes.
     resid = y - q @ (q.transpose(1, 2) @ y)
     assert torch.linalg.vector_norm(resid) <= 1e-5 * torch.linalg.vector_norm(y)
