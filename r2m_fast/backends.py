@@ -2,10 +2,13 @@
 
 A backend is a module exposing ``gram_sketch``, ``residual_matmul``, ``orthonormalize`` and
 ``accumulate`` with the signatures of :mod:`r2m_fast.ops_torch`. Choice order: the ``backend``
-argument, then the ``R2M_BACKEND`` environment variable, then automatic by device (cuda extension →
-triton → torch on CUDA tensors; torch on CPU, or triton when ``TRITON_INTERPRET=1``). A backend asked
-for by name that cannot run raises :class:`BackendUnavailable` saying why; an automatic choice falls
-back and logs the reason once.
+argument, then the ``R2M_BACKEND`` environment variable, then automatic by device (triton → torch on CUDA tensors;
+torch on CPU, or triton when ``TRITON_INTERPRET=1``). A backend asked for by name that cannot run
+raises :class:`BackendUnavailable` saying why; an automatic choice falls back and logs the reason once.
+
+The cuda extension is opt-in (by name or ``R2M_BACKEND=cuda``): ``auto`` follows measurements, and
+no GPU run has yet checked and timed it (README, "GPU"); the Triton kernels have run whole merges
+on an H100. Put it in ``_AUTO_ORDER`` where the GPU suite shows it correct and faster.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", "r2m_fast.cuda_ops", _cuda_reason),
 }
 
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 _logged_fallbacks: set[str] = set()
 
 

@@ -131,3 +131,17 @@ def test_backend_environment_override(monkeypatch):
         resolve_backend("auto", torch.device("cpu"))
     monkeypatch.delenv("R2M_BACKEND")
     assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+
+
+def test_auto_on_cuda_tensors_never_picks_the_unmeasured_cuda_extension(monkeypatch):
+    """auto follows GPU measurements; the CUDA extension has none yet, so it is opt-in only."""
+    from r2m_fast import backends
+
+    monkeypatch.delenv("R2M_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_logged_fallbacks", set())
+    monkeypatch.setitem(backends.BACKENDS, "cuda", backends.Backend("cuda", "r2m_fast.cuda_ops", lambda device: None))
+    monkeypatch.setitem(backends.BACKENDS, "triton", backends.Backend("triton", "r2m_fast.kernels", lambda device: None))
+    assert resolve_backend("auto", torch.device("cuda")).name == "triton"
+    assert resolve_backend("cuda", torch.device("cuda")).name == "cuda"
+    monkeypatch.setitem(backends.BACKENDS, "triton", backends.Backend("triton", "r2m_fast.kernels", lambda device: "no"))
+    assert resolve_backend("auto", torch.device("cuda")).name == "torch"
