@@ -13,7 +13,10 @@
 4. Divides each time by its memory floor: bytes moved at the measured device-to-device copy
    bandwidth (op level: the op's own bytes; end to end: the N+1 inputs read twice plus the output
    written once, DESIGN §5).
-5. Writes JSON and CSV under --out (default benchmarks/results/) and prints a short table last.
+5. Profiles one whole merge per backend on the last end-to-end case (torch.profiler: the top ops
+   by device and by host time, and each pass's seconds) into *_profile.txt: where an end-to-end
+   time sits far above its floor, this says whether launches, syncs or a kernel are to blame.
+6. Writes JSON and CSV under --out (default benchmarks/results/) and prints a short table last.
 
 `--quick --device cpu` (with TRITON_INTERPRET=1 for the triton rows) only proves the script runs:
 tiny shapes, and CPU/interpreter timings mean nothing.
@@ -347,16 +350,17 @@ def run(args: argparse.Namespace) -> int:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
 
-    # 3. end to end.
-    e2e: list[dict] = []
-    if not args.no_e2e:
-        e2e = run_e2e(device, quick, Ns, dtypes, ops, bw, meta, over_budget)
-        rows.extend(e2e)
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "".join(ch if ch.isalnum() else "_" for ch in gpu)[:40]
     prefix = out / f"gpu_suite_{tag}_{stamp.replace(':', '')}{'_quick' if quick else ''}"
+
+    # 3. end to end, and 5. the profile of the last case.
+    e2e: list[dict] = []
+    if not args.no_e2e:
+        e2e = run_e2e(device, quick, Ns, dtypes, ops, bw, meta, over_budget, Path(f"{prefix}_profile.txt"))
+        rows.extend(e2e)
+
     Path(f"{prefix}.json").write_text(json.dumps(
         dict(meta=meta, copy_bandwidth_GBps=bw / 1e9, skipped_providers=skipped, checks=checks, rows=rows,
              config=dict(rank_ratio=RANK_RATIO, oversample=OVERSAMPLE, power_iters=POWER_ITERS, quick=quick)),
@@ -371,7 +375,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def run_e2e(device, quick, Ns, dtypes, ops, bw, meta, over_budget: Callable[[str], bool]) -> list[dict]:
+def run_e2e(
+    device, quick, Ns, dtypes, ops, bw, meta, over_budget: Callable[[str], bool], profile_path: Optional[Path] = None,
+) -> list[dict]:
     """Whole merges: each backend and the naive svd_lowrank merge on the 2 ViT-B + 2 ViT-L model for
     every N and dtype; the fp64 CPU reference is slow, so it runs on one small case (one ViT-B
     block, N = Ns[0], fp32) timed once, beside every other provider on that same case."""
@@ -398,8 +404,13 @@ def run_e2e(device, quick, Ns, dtypes, ops, bw, meta, over_budget: Callable[[str
         runs: dict[str, Callable[[], object]] = {
             "naive_svd_lowrank": lambda: naive_merge(models[0], models[1:], config),
         }
+        passes: dict[str, dict] = {}
+
+        def fast_merge(name: str) -> None:
+            passes[name] = r2m_fast.merge(models[0], models[1:], config, backend=name).report["pass_seconds"]
+
         for name in ops:
-            runs[name] = lambda name=name: r2m_fast.merge(models[0], models[1:], config, backend=name)
+            runs[name] = lambda name=name: fast_merge(name)
         times = {}
         for name, fn in runs.items():
             try:
@@ -417,12 +428,43 @@ def run_e2e(device, quick, Ns, dtypes, ops, bw, meta, over_budget: Callable[[str
                 op="merge_e2e", provider=name, shape=label, dtype=DTYPE_NAMES[dtype], N=N,
                 ms_p50=p50, ms_p20=p20, ms_p80=p80, **{"GB/s": moved / (p50 * 1e-3) / 1e9},
                 speedup_vs_torch=times["torch"][0] / p50 if "torch" in times else None,
-                x_floor=p50 * 1e-3 / (moved / bw), **meta,
+                x_floor=p50 * 1e-3 / (moved / bw), pass_seconds=passes.get(name), **meta,
             ))
+        last = (label, N, dtype, models, config, [name for name in ops if name in times])
         del models
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if rows and profile_path is not None and not over_budget("the profiled merges"):
+        profile_merges(device, *last, profile_path)
     return rows
+
+
+def profile_merges(
+    device: torch.device, label: str, N: int, dtype: torch.dtype, models: list[dict], config: R2MConfig,
+    backends: list[str], path: Path,
+) -> None:
+    """One profiled merge per backend: top ops by device and by host time, and the pass seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_device = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    lines = [f"# profiled merges: {label}, N={N}, {DTYPE_NAMES[dtype]}, device {device}"]
+    for name in backends:
+        try:
+            with profile(activities=activities) as prof:
+                result = r2m_fast.merge(models[0], models[1:], config, backend=name)
+                _sync(device)
+        except Exception as exc:
+            lines.append(f"## {name}: failed: {exc!r}")
+            continue
+        table = prof.key_averages()
+        lines += [
+            f"## {name}: pass seconds {result.report['pass_seconds']}",
+            f"### top by {sort_device}", table.table(sort_by=sort_device, row_limit=15),
+            "### top by self_cpu_time_total", table.table(sort_by="self_cpu_time_total", row_limit=15),
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    print(f"# wrote {path}")
 
 
 def print_tables(rows: list[dict], checks: list[dict], device: torch.device) -> None:

@@ -25,4 +25,7 @@ def test_gpu_suite_quick_on_cpu(tmp_path):
     providers = {row["provider"] for row in data["rows"]}
     assert {"torch", "naive_svd_lowrank"} <= providers, providers
     assert list(tmp_path.glob("gpu_suite_*.csv"))
+    (profile,) = tmp_path.glob("gpu_suite_*_profile.txt")
+    assert "## torch: pass seconds" in profile.read_text()
+    assert all(row.get("pass_seconds") for row in data["rows"] if row["op"] == "merge_e2e" and row["provider"] == "torch")
     assert "checks:" in res.stdout and "passed" in res.stdout
