@@ -13,8 +13,6 @@
 
 namespace r2m {
 
-constexpr int kCombineThreads = 256;
-
 // Store V fp32 values as V elements of TO at p (aligned to V·sizeof(TO)); streaming stores.
 template <typename TO, int V>
 __device__ __forceinline__ void store_vec(TO* p, const float (&v)[V]) {
@@ -61,8 +59,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(WeightPtrs w, 
   const int64_t total = rows * chunks_per_row;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < total; q += step) {
-    const int64_t r = q / chunks_per_row;
-    const int64_t c = (q - r * chunks_per_row) * V;
+    const Chunk ch = chunk_at(q, chunks_per_row, V);
+    const int64_t r = ch.row, c = ch.col;
     bool done = false;
     if constexpr (VEC) {
      if (c + V <= cols) {
@@ -102,23 +100,15 @@ __global__ void __launch_bounds__(kGemmThreads) accumulate_gemm_kernel(WeightPtr
   __shared__ __align__(16) GemmSmem sm;
   const int64_t col0 = int64_t(blockIdx.x) * kTileN;
   const int64_t row_tiles = (rows + kTileM - 1) / kTileM;
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const KMajorOperand<F32Matrix<LVEC>> B{{right, ld_right, cols, k_total}, col0};
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const int64_t row0 = rt * kTileM;
-    KContigF32<LVEC> A{left, ld_left, rows, k_total, row0};
-    KContigF32<LVEC> B{right, ld_right, cols, k_total, col0};
+    const KMajorOperand<F32Matrix<LVEC>> A{{left, ld_left, rows, k_total}, row0};
     float acc[4][4];
     gemm_mainloop(A, B, k_total, sm, acc);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t r = row0 + ty + 16 * i;
-      if (r >= rows) continue;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = col0 + tx + 16 * j;
-        if (c < cols) out[r * cols + c] = from_float<TO>(combine_scalar<T>(w, a, n, r, c) + acc[i][j]);
-      }
-    }
+    simt_outputs(threadIdx.x, row0, col0, rows, cols, [&](int64_t r, int64_t c, int i, int j) {
+      out[r * cols + c] = from_float<TO>(combine_scalar<T>(w, a, n, r, c) + acc[i][j]);
+    });
   }
 }
 
@@ -131,29 +121,17 @@ __global__ void __launch_bounds__(kAccThreads) accumulate_mma_kernel(WeightPtrs 
   __shared__ __align__(16) AccSmem sm;
   const int64_t col0 = int64_t(blockIdx.x) * kAccN;
   const int64_t row_tiles = (rows + kAccM - 1) / kAccM;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = warp >> 1, wn = warp & 1;
-  const int grp = lane >> 2, tig = lane & 3;
+  const int lane = threadIdx.x & 31;
+  const Coord wo = mma::warp_origin<kAccWarpsN, kAccWarpM, kAccWarpN>(threadIdx.x >> 5);
+  const F32Matrix<LVEC> L{left, ld_left, rows, k_total}, R{right, ld_right, cols, k_total};
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const int64_t row0 = rt * kAccM;
-    float acc[2][4][4];
-    lrt_mma_mainloop<LVEC>(left, ld_left, right, ld_right, rows, cols, k_total, row0, col0, sm, acc);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t r = row0 + wm * 32 + mi * 16 + grp + 8 * half;
-        if (r >= rows) continue;
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int64_t c = col0 + wn * 32 + ni * 8 + tig * 2 + e;
-            if (c < cols) out[r * cols + c] = from_float<TO>(combine_scalar<T>(w, a, n, r, c) + acc[mi][ni][2 * half + e]);
-          }
-        }
-      }
-    }
+    float acc[kAccMI][kAccNI][4];
+    lrt_mma_mainloop<LVEC>(L, R, row0, col0, sm, acc);
+    mma::outputs<kAccMI, kAccNI>(lane, row0 + wo.row, col0 + wo.col, rows, cols,
+                                 [&](int64_t r, int64_t c, int mi, int ni, int i) {
+                                   out[r * cols + c] = from_float<TO>(combine_scalar<T>(w, a, n, r, c) + acc[mi][ni][i]);
+                                 });
   }
 }
 
@@ -164,30 +142,28 @@ void accumulate(const std::vector<uintptr_t>& weights, const std::vector<int64_t
   const bool gemm = k > 0;
   const char* kname = gemm ? (use_mma ? "accumulate_mma_kernel" : "accumulate_gemm_kernel") : "combine_kernel";
   // θ₀ alone (every coefficient zero) is allowed: the wrapper drops zero terms.
-  if (weights.empty()) fail(kname, "need θ₀");
-  if (weights.size() > size_t(kMaxTasks + 1)) fail(kname, "at most " + std::to_string(kMaxTasks) + " specialists");
-  if (strides.size() != weights.size()) fail(kname, "one stride per weight expected");
-  WeightPtrs w{};
-  for (size_t i = 0; i < weights.size(); ++i) {
-    if (weights[i] == 0) fail(kname, "weights[" + std::to_string(i) + "] is a null pointer");
-    w.ptr[i] = reinterpret_cast<const void*>(weights[i]);
-    w.stride[i] = strides[i];
-  }
+  const WeightPtrs w = make_ptrs(weights, strides, rows, cols, kname, 0);
   const int n = int(weights.size()) - 1;
   if (coeffs.size() != size_t(n)) fail(kname, "one coefficient per specialist expected");
   Coeffs a{};
   for (int j = 0; j < n; ++j) a.a[j] = float(coeffs[j]);
-  if (rows < 0 || cols < 0 || k < 0) fail(kname, "negative shape");
+  if (k < 0) fail(kname, "negative shape");
   if (out == 0) fail(kname, "out is a null pointer");
   if (rows == 0 || cols == 0) return;
   const size_t esize = dtype_size(dtype, kname);
   const size_t osize = dtype_size(out_dtype, kname);
   if (!aligned(out, osize)) fail(kname, "out is not aligned to its element size");
+  if (gemm) {  // every argument checked before the device is touched
+    if (left == 0 || right == 0) fail(kname, "left/right is a null pointer");
+    if (!aligned(left, 4) || !aligned(right, 4)) fail(kname, "left/right must be 4-byte aligned");
+    check_stride("left", left_stride, rows, k, kname);
+    check_stride("right", right_stride, cols, k, kname);
+  } else if (grid < 1 || grid > (1 << 20)) {
+    fail(kname, "grid must be in [1, 2^20], got " + std::to_string(grid));
+  }
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   set_device(device, kname);
   if (gemm) {
-    if (left == 0 || right == 0) fail(kname, "left/right is a null pointer");
-    if (!aligned(left, 4) || !aligned(right, 4)) fail(kname, "left/right must be 4-byte aligned");
     const bool lvec = aligned(left, 16) && aligned(right, 16) && left_stride % 4 == 0 && right_stride % 4 == 0;
     const int64_t tile_m = use_mma ? kAccM : kTileM, tile_n = use_mma ? kAccN : kTileN;
     const int64_t row_tiles = (rows + tile_m - 1) / tile_m;
@@ -216,7 +192,6 @@ void accumulate(const std::vector<uintptr_t>& weights, const std::vector<int64_t
       });
     }
   } else {
-    if (grid < 1 || grid > (1 << 20)) fail(kname, "grid must be in [1, 2^20], got " + std::to_string(grid));
     const int elems = int(16 / esize);
     // Output chunks are aligned when the output is aligned and rows start at multiples of V.
     const bool vec = vector_ok(weights, strides, rows, esize, elems) && aligned(out, osize * elems) &&

@@ -10,12 +10,11 @@
 // k-tile is loaded to registers while the current one is multiplied.
 #pragma once
 
-#include "common.cuh"
+#include "tile_io.cuh"
 
 namespace r2m {
 
-constexpr int kAccM = 128, kAccN = 64, kAccK = 16, kAccThreads = 256;
-constexpr int kAccLd = kAccK + 4;
+// Tile shapes, thread and fragment maps: tile_map.h (kAccM…, AccLTile, AccRTile, mma::tf32_a/b/acc).
 
 struct AccSmem {
   float a[2][kAccM][kAccLd];
@@ -41,44 +40,41 @@ __device__ __forceinline__ void mma_tf32_1688(float (&c)[4], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Loads 4 consecutive k of row r of a K-contiguous fp32 matrix (zeros outside rows x k_total).
-template <bool VEC>
-__device__ __forceinline__ float4 load_k4(const float* p, int64_t ld, int64_t r, int64_t rows, int64_t k,
-                                          int64_t k_total) {
-  if (VEC && r < rows && k + 3 < k_total) return __ldg(reinterpret_cast<const float4*>(p + r * ld + k));
-  float v[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) v[e] = (r < rows && k + e < k_total) ? __ldg(p + r * ld + k + e) : 0.f;
-  return make_float4(v[0], v[1], v[2], v[3]);
-}
+// m16n8k8 tiles per warp tile: 2 x 4.
+constexpr int kAccMI = kAccWarpM / 16, kAccNI = kAccWarpN / 8;
 
 // acc (per warp 32x32) = L[row0:row0+128] · R[col0:col0+64]ᵀ over the whole K.
 template <bool VEC>
-__device__ __forceinline__ void lrt_mma_mainloop(const float* left, int64_t ld_left, const float* right,
-                                                 int64_t ld_right, int64_t rows, int64_t cols, int64_t k_total,
-                                                 int64_t row0, int64_t col0, AccSmem& sm, float (&acc)[2][4][4]) {
-  const int t = threadIdx.x;
-  const int lane = t & 31, warp = t >> 5;
-  const int wm = warp >> 1, wn = warp & 1;
-  const int grp = lane >> 2, tig = lane & 3;
+__device__ __forceinline__ void lrt_mma_mainloop(const F32Matrix<VEC>& L, const F32Matrix<VEC>& R, int64_t row0,
+                                                 int64_t col0, AccSmem& sm, float (&acc)[kAccMI][kAccNI][4]) {
+  const int lane = threadIdx.x & 31;
+  const Coord wo = mma::warp_origin<kAccWarpsN, kAccWarpM, kAccWarpN>(threadIdx.x >> 5);
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < kAccMI; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < kAccNI; ++ni)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+  const int64_t k_total = L.cols;
   const int64_t k_tiles = (k_total + kAccK - 1) / kAccK;
-  const int lr = t >> 2, lk = (t & 3) * 4;  // this thread's load slot: row lr (+64), k lk..lk+3
-  float4 ra[2], rb;
+  float ra[AccLTile::kPasses][4], rb[4];
   auto load = [&](int64_t k0) {
-    ra[0] = load_k4<VEC>(left, ld_left, row0 + lr, rows, k0 + lk, k_total);
-    ra[1] = load_k4<VEC>(left, ld_left, row0 + lr + 64, rows, k0 + lk, k_total);
-    rb = load_k4<VEC>(right, ld_right, col0 + lr, cols, k0 + lk, k_total);
+#pragma unroll
+    for (int g = 0; g < AccLTile::kPasses; ++g) {
+      const Coord a = AccLTile::slot(threadIdx.x, g);
+      L.load(row0 + a.row, k0 + a.col, ra[g]);
+    }
+    const Coord b = AccRTile::slot(threadIdx.x, 0);
+    R.load(col0 + b.row, k0 + b.col, rb);
   };
   auto store = [&](int buf) {
-    *reinterpret_cast<float4*>(&sm.a[buf][lr][lk]) = ra[0];
-    *reinterpret_cast<float4*>(&sm.a[buf][lr + 64][lk]) = ra[1];
-    *reinterpret_cast<float4*>(&sm.b[buf][lr][lk]) = rb;
+#pragma unroll
+    for (int g = 0; g < AccLTile::kPasses; ++g) {
+      const Coord a = AccLTile::slot(threadIdx.x, g);
+      *reinterpret_cast<float4*>(&sm.a[buf][a.row][a.col]) = make_float4(ra[g][0], ra[g][1], ra[g][2], ra[g][3]);
+    }
+    const Coord b = AccRTile::slot(threadIdx.x, 0);
+    *reinterpret_cast<float4*>(&sm.b[buf][b.row][b.col]) = make_float4(rb[0], rb[1], rb[2], rb[3]);
   };
   load(0);
   store(0);
@@ -89,25 +85,25 @@ __device__ __forceinline__ void lrt_mma_mainloop(const float* left, int64_t ld_l
     if (more) load((kt + 1) * kAccK);
 #pragma unroll
     for (int kk = 0; kk < kAccK; kk += 8) {
-      uint32_t ab[2][4], as[2][4], bb[4][2], bs[4][2];
+      uint32_t ab[kAccMI][4], as[kAccMI][4], bb[kAccNI][2], bs[kAccNI][2];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        const int r = wm * 32 + mi * 16 + grp;
-        split_tf32(sm.a[cur][r][kk + tig], ab[mi][0], as[mi][0]);
-        split_tf32(sm.a[cur][r + 8][kk + tig], ab[mi][1], as[mi][1]);
-        split_tf32(sm.a[cur][r][kk + tig + 4], ab[mi][2], as[mi][2]);
-        split_tf32(sm.a[cur][r + 8][kk + tig + 4], ab[mi][3], as[mi][3]);
-      }
+      for (int mi = 0; mi < kAccMI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const int c = wn * 32 + ni * 8 + grp;
-        split_tf32(sm.b[cur][c][kk + tig], bb[ni][0], bs[ni][0]);
-        split_tf32(sm.b[cur][c][kk + tig + 4], bb[ni][1], bs[ni][1]);
-      }
+        for (int reg = 0; reg < 4; ++reg) {
+          const Coord a = mma::tf32_a(lane, reg);
+          split_tf32(sm.a[cur][wo.row + mi * 16 + a.row][kk + a.col], ab[mi][reg], as[mi][reg]);
+        }
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int ni = 0; ni < kAccNI; ++ni)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {  // small terms first, then the big product
+        for (int reg = 0; reg < 2; ++reg) {
+          const Coord b = mma::tf32_b(lane, reg);
+          split_tf32(sm.b[cur][wo.col + ni * 8 + b.col][kk + b.row], bb[ni][reg], bs[ni][reg]);
+        }
+#pragma unroll
+      for (int mi = 0; mi < kAccMI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < kAccNI; ++ni) {  // small terms first, then the big product
           mma_tf32_1688(acc[mi][ni], as[mi], bb[ni]);
           mma_tf32_1688(acc[mi][ni], ab[mi], bs[ni]);
           mma_tf32_1688(acc[mi][ni], ab[mi], bb[ni]);

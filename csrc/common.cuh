@@ -134,14 +134,28 @@ inline void check_launch(const char* kernel, cudaStream_t stream) {
 
 inline bool aligned(uintptr_t p, size_t bytes) { return (p % bytes) == 0; }
 
-inline WeightPtrs make_ptrs(const std::vector<uintptr_t>& w, const std::vector<int64_t>& strides, const char* kernel) {
-  if (w.size() < 2) fail(kernel, "need θ₀ and at least one specialist (got " + std::to_string(w.size()) + " weights)");
+// A (rows, cols) operand's row stride: rows must not overlap or run backwards (a negative or short
+// stride would read outside the tensor). Irrelevant for a single row.
+inline void check_stride(const std::string& name, int64_t stride, int64_t rows, int64_t cols, const char* kernel) {
+  if (rows > 1 && stride < cols)
+    fail(kernel, name + " has row stride " + std::to_string(stride) + " < its " + std::to_string(cols) + " columns");
+}
+
+// θ₀ … θ_N as the kernels' by-value struct; min_specialists: 1 (Gram, sketch) or 0 (accumulate
+// with every coefficient zero).
+inline WeightPtrs make_ptrs(const std::vector<uintptr_t>& w, const std::vector<int64_t>& strides, int64_t rows,
+                            int64_t cols, const char* kernel, size_t min_specialists = 1) {
+  if (w.size() < min_specialists + 1)
+    fail(kernel, "need θ₀ and at least " + std::to_string(min_specialists) + " specialist(s) (got " +
+                     std::to_string(w.size()) + " weights)");
   if (w.size() > size_t(kMaxTasks + 1))
     fail(kernel, "at most " + std::to_string(kMaxTasks) + " specialists (got " + std::to_string(w.size() - 1) + ")");
   if (strides.size() != w.size()) fail(kernel, "one stride per weight expected");
+  if (rows < 0 || cols < 0) fail(kernel, "negative shape");
   WeightPtrs p{};
   for (size_t i = 0; i < w.size(); ++i) {
     if (w[i] == 0) fail(kernel, "weights[" + std::to_string(i) + "] is a null pointer");
+    check_stride("weights[" + std::to_string(i) + "]", strides[i], rows, cols, kernel);
     p.ptr[i] = reinterpret_cast<const void*>(w[i]);
     p.stride[i] = strides[i];
   }

@@ -19,21 +19,6 @@
 
 namespace r2m {
 
-constexpr int kGramThreads = 256;
-
-template <int NMAX> struct GramCfg {
-  static constexpr int kPairs = NMAX * (NMAX + 1) / 2;
-  static constexpr int kUnroll = NMAX <= 4 ? 2 : 1;  // chunks per iteration: keep ≥ 6 loads in flight
-  // Bytes per load: 16, except at NMAX = 16 where 17 raw 16-byte vectors plus 136 accumulators
-  // exceed 255 registers (ptxas spilled); 17 8-byte loads still keep 136 bytes per thread in flight.
-  static constexpr int kVecBytes = NMAX >= 16 ? 8 : 16;
-};
-
-template <int NMAX>
-__device__ __forceinline__ constexpr int pair_index(int i, int j) {  // i <= j < NMAX
-  return i * NMAX - i * (i - 1) / 2 + (j - i);
-}
-
 template <typename T, int NMAX, bool VEC>
 __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(WeightPtrs w, int n, int64_t rows,
                                                                     int64_t cols, double* __restrict__ partial) {
@@ -65,8 +50,9 @@ __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(WeightPtrs 
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t q = q0 + u * step;
-        rr[u] = q / chunks_per_row;
-        cc[u] = (q - rr[u] * chunks_per_row) * V;
+        const Chunk ch = chunk_at(q, chunks_per_row, V);
+        rr[u] = ch.row;
+        cc[u] = ch.col;
         full[u] = q < total && cc[u] + V <= cols;
 #pragma unroll
         for (int j = 0; j <= NMAX; ++j) {
@@ -103,12 +89,12 @@ __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(WeightPtrs 
       for (int u = 0; u < U; ++u) {
         const int64_t q = q0 + u * step;
         if (q < total) {
-          const int64_t r = q / cols, c = q - (q / cols) * cols;
-          const float b = to_float(static_cast<const T*>(w.ptr[0])[r * w.stride[0] + c]);
+          const Chunk ch = chunk_at(q, chunks_per_row, 1);  // V = 1: chunks_per_row = cols
+          const float b = to_float(static_cast<const T*>(w.ptr[0])[ch.row * w.stride[0] + ch.col]);
           float tau[NMAX];
 #pragma unroll
           for (int j = 0; j < NMAX; ++j)
-            tau[j] = (j < n) ? to_float(static_cast<const T*>(w.ptr[j + 1])[r * w.stride[j + 1] + c]) - b : 0.f;
+            tau[j] = (j < n) ? to_float(static_cast<const T*>(w.ptr[j + 1])[ch.row * w.stride[j + 1] + ch.col]) - b : 0.f;
           add_element(tau);
         }
       }
@@ -131,7 +117,7 @@ __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(WeightPtrs 
   for (int t = threadIdx.x; t < n * n; t += blockDim.x) {
     const int i = t / n, j = t - (t / n) * n;
     const int a = i < j ? i : j, b = i < j ? j : i;
-    const int p = a * NMAX - a * (a - 1) / 2 + (b - a);
+    const int p = pair_index<NMAX>(a, b);
     double s = 0.0;
 #pragma unroll
     for (int k = 0; k < kWarps; ++k) s += red[k][p];
@@ -148,30 +134,19 @@ __global__ void __launch_bounds__(kGemmThreads) sketch_kernel(WeightPtrs w, int 
   const int task = blockIdx.x % n;
   const int64_t col0 = int64_t(blockIdx.x / n) * kTileN;
   const int64_t row_tiles = (rows + kTileM - 1) / kTileM;
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   float* z = out + int64_t(task) * rows * s;
+  const TauMatrix<T, VEC> tau{static_cast<const T*>(w.ptr[0]), static_cast<const T*>(w.ptr[task + 1]), w.stride[0],
+                              w.stride[task + 1], rows, cols, round_bf16};
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const int64_t row0 = rt * kTileM;
-    TauLoader<T, VEC> A{static_cast<const T*>(w.ptr[0]), static_cast<const T*>(w.ptr[task + 1]), w.stride[0],
-                        w.stride[task + 1], rows, cols, row0, round_bf16};
+    const KMajorOperand<TauMatrix<T, VEC>> A{tau, row0};
     float acc[4][4];
     if (omega_vec) {
-      NContigF32<true> B{omega, omega_ld, cols, s, col0};
-      gemm_mainloop(A, B, cols, sm, acc);
+      gemm_mainloop(A, NMajorOperand<F32Matrix<true>>{{omega, omega_ld, cols, s}, col0}, cols, sm, acc);
     } else {
-      NContigF32<false> B{omega, omega_ld, cols, s, col0};
-      gemm_mainloop(A, B, cols, sm, acc);
+      gemm_mainloop(A, NMajorOperand<F32Matrix<false>>{{omega, omega_ld, cols, s}, col0}, cols, sm, acc);
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t r = row0 + ty + 16 * i;
-      if (r >= rows) continue;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = col0 + tx + 16 * j;
-        if (c < s) z[r * s + c] = acc[i][j];
-      }
-    }
+    simt_outputs(threadIdx.x, row0, col0, rows, s, [&](int64_t r, int64_t c, int i, int j) { z[r * s + c] = acc[i][j]; });
   }
 }
 
@@ -202,14 +177,13 @@ int driver_version() {
 void gram_partials(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& strides, int64_t rows,
                    int64_t cols, int dtype, uintptr_t partial, int grid, int device, uintptr_t stream_handle) {
   const char* kname = "gram_partials_kernel";
-  WeightPtrs w = make_ptrs(weights, strides, kname);
+  WeightPtrs w = make_ptrs(weights, strides, rows, cols, kname);
   const int n = int(weights.size()) - 1;
-  if (rows < 0 || cols < 0) fail(kname, "negative shape");
   if (grid < 1 || grid > (1 << 20)) fail(kname, "grid must be in [1, 2^20], got " + std::to_string(grid));
   if (partial == 0) fail(kname, "partial is a null pointer");
   if (!aligned(partial, 8)) fail(kname, "partial must be 8-byte aligned");
   const size_t esize = dtype_size(dtype, kname);
-  const int elems = int((n > 8 ? 8 : 16) / esize);  // GramCfg<NMAX>::kVecBytes / esize
+  const int elems = int((n > 8 ? GramCfg<16>::kVecBytes : GramCfg<8>::kVecBytes) / esize);  // NMAX as dispatched below
   const bool vec = vector_ok(weights, strides, rows, esize, elems);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   set_device(device, kname);
@@ -229,10 +203,11 @@ void sketch(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& s
             int dtype, uintptr_t omega, int64_t omega_stride, int64_t s, uintptr_t out, bool round_tau_bf16,
             bool use_mma, int device, uintptr_t stream_handle) {
   const char* kname = "sketch_kernel";
-  WeightPtrs w = make_ptrs(weights, strides, kname);
+  WeightPtrs w = make_ptrs(weights, strides, rows, cols, kname);
   const int n = int(weights.size()) - 1;
-  if (rows < 0 || cols < 0 || s < 0) fail(kname, "negative shape");
+  if (s < 0) fail(kname, "negative shape");
   if (omega == 0 || out == 0) fail(kname, "omega/out is a null pointer");
+  check_stride("omega", omega_stride, cols, s, kname);
   if (!aligned(omega, 4) || !aligned(out, 4)) fail(kname, "omega/out must be 4-byte aligned");
   if (rows == 0 || s == 0) return;
   const size_t esize = dtype_size(dtype, kname);

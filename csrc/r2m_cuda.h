@@ -27,8 +27,9 @@ int device_count(std::string* error);
 int runtime_version();
 int driver_version();
 
-// Gram partials: per block, the upper triangle (row-major, i <= j) of Σ τᵢ τⱼ over the block's
-// elements, in float64, written to partial[block * npairs + p], npairs = N(N+1)/2.
+// Gram partials: per block, the full symmetric N x N matrix Σ τᵢ τⱼ over the block's elements, in
+// float64, row-major at partial[(block * N + i) * N + j] (the wrapper allocates (grid, N, N) and
+// sums over blocks). Row strides must be ≥ cols wherever rows > 1 (checked).
 // `weights` holds N+1 addresses of (rows, cols) matrices with row strides `strides` (elements).
 void gram_partials(const std::vector<uintptr_t>& weights, const std::vector<int64_t>& strides,
                    int64_t rows, int64_t cols, int dtype, uintptr_t partial, int grid,

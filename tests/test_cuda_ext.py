@@ -74,6 +74,24 @@ def test_call_without_gpu_raises_clear_error():
         _cuda.gram_partials([16, 16], [1, 1], 1, 1, 0, 16, 1, 0, 0)
 
 
+def test_extension_rejects_bad_strides_before_touching_the_device():
+    """The launchers re-check row strides (a negative or short stride would read outside the
+    tensor) and raise before any CUDA call, so this runs without a GPU."""
+    if not cuda_ops.cuda_extension_available():
+        pytest.skip(f"the CUDA extension is not built here: {cuda_ops.extension_import_error()!r}")
+    from r2m_fast import _cuda
+
+    # addresses are never dereferenced: every call fails validation first
+    with pytest.raises(RuntimeError, match=r"gram_partials_kernel: weights\[1\] has row stride -4 < its 4 columns"):
+        _cuda.gram_partials([16, 32], [4, -4], 2, 4, 0, 16, 1, 0, 0)
+    with pytest.raises(RuntimeError, match=r"sketch_kernel: omega has row stride 3 < its 5 columns"):
+        _cuda.sketch([16, 32], [4, 4], 2, 4, 0, 64, 3, 5, 128, False, False, 0, 0)
+    with pytest.raises(RuntimeError, match=r"accumulate_mma_kernel: left has row stride 2 < its 3 columns"):
+        _cuda.accumulate([16, 32], [4, 4], [0.5], 2, 4, 0, 64, 2, 128, 3, 3, 256, 0, 1, True, 0, 0)
+    with pytest.raises(RuntimeError, match=r"combine_kernel: grid must be in"):
+        _cuda.accumulate([16, 32], [4, 4], [0.5], 2, 4, 0, 0, 0, 0, 0, 0, 256, 0, 0, False, 0, 0)
+
+
 def test_missing_extension_error_carries_cause_and_hint(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_ext", None)
     monkeypatch.setattr(cuda_ops, "_IMPORT_ERROR", ImportError("libfoo.so: cannot open shared object file"))
