@@ -330,7 +330,7 @@ def accumulate(
         k = left.shape[1]
         named += [("left", left), ("right", right)]
     device = _check_device(named, "accumulate")
-    terms = [(a, w) for a, w in zip(coeff_list, weights[1:]) if a != 0.0]
+    terms = [(a, j) for j, a in enumerate(coeff_list, start=1) if a != 0.0]  # (coefficient, index in weights)
     why = None
     if weights[0].dtype not in _DTYPE_CODES:
         why = f"weights of dtype {weights[0].dtype} (the kernels read float32, bfloat16, float16)"
@@ -345,7 +345,7 @@ def accumulate(
     # The contract computes in fp32 and casts once: a wider output (fp64) is the fp32 result widened.
     kernel_dtype = out_dtype if out_dtype in _DTYPE_CODES else torch.float32
 
-    used = [weights[0]] + [w for _, w in terms]
+    used = [0] + [j for _, j in terms]  # the weights the kernels read, by their index in `weights`
     out = torch.empty(shape, dtype=kernel_dtype, device=device)
     if out.numel() == 0:
         return out.to(out_dtype)
@@ -353,7 +353,7 @@ def accumulate(
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         if k > 0:
-            mats = [_rows_view(w, f"weights[{i}]", "accumulate") for i, w in enumerate(used)]
+            mats = [_rows_view(weights[j], f"weights[{j}]", "accumulate") for j in used]
             lm = _rows_view(left.float(), "left", "accumulate")
             rm = _rows_view(right.float(), "right", "accumulate")
             rows, cols = mats[0].shape
@@ -363,7 +363,9 @@ def accumulate(
                 out.data_ptr(), _DTYPE_CODES[kernel_dtype], 1, _env_flag("R2M_CUDA_ACCUMULATE_MMA"), index, stream,
             )
         else:
-            mats = _flat_view(used) or [_rows_view(w, f"weights[{i}]", "accumulate") for i, w in enumerate(used)]
+            mats = _flat_view([weights[j] for j in used]) or [
+                _rows_view(weights[j], f"weights[{j}]", "accumulate") for j in used
+            ]
             rows, cols = mats[0].shape
             grid = _persistent_grid(device, rows * math.ceil(cols / (16 // weights[0].element_size())))
             ext.accumulate(
