@@ -199,33 +199,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _write_safetensors(path: Path, items: Sequence[tuple[str, torch.Tensor]]) -> None:
-    """A safetensors file written tensor by tensor (views of one sketch tensor need no copies, which
-    safetensors.torch.save_file would demand for tensors sharing storage)."""
-    from r2m_fast.io import _ST_NAMES  # the one dtype table of the package
-
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, tensor in items:
-        size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little"))
-        handle.write(raw)
-        for _, tensor in items:
-            data = tensor.detach().cpu().contiguous().reshape(-1)
-            if data.numel():
-                handle.write(memoryview(data.view(torch.uint8).numpy()))
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def save_state(state: IncrementalState, directory: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Write `state` into `directory` (created; replaced files are overwritten): state.json + state.safetensors."""
-    from r2m_fast.io import versions
+    from r2m_fast.io import versions, write_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -233,7 +209,7 @@ def save_state(state: IncrementalState, directory: PathLike, extra: Optional[Map
     for name in state.sketch_names:
         z = state.sketch(name)
         items.extend((f"sketch::{name}::{j}", z[j]) for j in range(state.num_specialists))
-    _write_safetensors(directory / STATE_TENSORS, items)
+    write_safetensors(directory / STATE_TENSORS, items)
     meta = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,

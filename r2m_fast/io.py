@@ -476,6 +476,30 @@ def _header_bytes(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -
     return len(raw).to_bytes(8, "little") + raw
 
 
+def write_tensor_data(handle: Any, tensor: torch.Tensor) -> None:
+    """The raw bytes of `tensor` at the handle's position, in C order; any dtype (bf16 goes out as its
+    bit pattern, so it reads back bit for bit). A CUDA tensor is copied to the host first."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if data.numel():
+        handle.write(memoryview(data.view(torch.uint8).numpy()))
+
+
+def write_safetensors(path: PathLike, items: Sequence[tuple[str, torch.Tensor]], sync: bool = True) -> int:
+    """A .safetensors file written tensor by tensor, straight from each tensor's memory (views of one
+    tensor need no copies, which safetensors.torch.save_file would demand for tensors sharing
+    storage); read it back with SafetensorsFile. `sync` flushes it to the disk before returning.
+    Returns the file's size in bytes."""
+    header = _header_bytes([(key, tuple(tensor.shape), tensor.dtype) for key, tensor in items])
+    with open(path, "wb") as handle:
+        handle.write(header)
+        for _, tensor in items:
+            write_tensor_data(handle, tensor)
+        handle.flush()
+        if sync:
+            os.fsync(handle.fileno())
+        return handle.tell()
+
+
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM while the finished folder is moved into place (never half-renamed)."""
@@ -590,9 +614,7 @@ class ShardedSafetensorsWriter:
             self._shard = shard
             self._handle = open(self.tmp / self.files[shard], "wb")
             self._handle.write(_header_bytes(self.shards[shard]))
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        write_tensor_data(self._handle, tensor)
         self._pos += 1
         if self._delay:
             time.sleep(self._delay)
