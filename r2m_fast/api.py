@@ -21,6 +21,7 @@ def merge(
     method: str = "r2m",
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = False,
+    spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
     **overrides: Any,
 ) -> MergeResult:
     """Merge specialists fine-tuned from `base` into one model by R²M (or a baseline).
@@ -34,6 +35,12 @@ def merge(
             (see r2m_fast.baselines).
         device: where to compute (default: the base tensors' device); results go back to it too.
         progress: show a progress bar per pass.
+        spill_dir: an existing, writable folder: R²M's sketches and residual factors wait between
+            passes in a temporary folder created there (removed when the merge ends, also on
+            errors) instead of in memory. Same result bit for bit; needs disk for about
+            2·rank_ratio·N times one model's truncated weights in fp32 (all the factors, at the end
+            of pass 2); the report gains ``spill_bytes`` (written in all, ≈ 3·rank_ratio·N×) and
+            ``spill_peak_bytes``. None (default): keep them in memory.
         overrides: R2MConfig fields for "r2m"; the method's options otherwise
             (task_arithmetic: scaling=0.3; ties: density=0.2, scaling=1.0; tsvm: scaling=1.0).
             An unknown name raises ValueError naming it.
@@ -52,7 +59,7 @@ def merge(
     else:
         options = overrides
     source = DictSource(base, specialists, device=torch.device(device) if device is not None else None)
-    return run_method(source, config, method=method, options=options, progress=progress)
+    return run_method(source, config, method=method, options=options, progress=progress, spill_dir=spill_dir)
 
 
 def merge_files(
@@ -68,6 +75,7 @@ def merge_files(
     shard_size: Union[int, str] = "5GB",
     force: bool = False,
     progress: bool = False,
+    spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
 ) -> MergeResult:
     """Merge checkpoints on disk into the folder `output`, streaming one layer at a time.
 
@@ -75,11 +83,12 @@ def merge_files(
     r2m_fast.io). The output folder gets model.safetensors (or shards and an index), the config it
     ran with (merge_config.yaml) and a report (merge_report.json); it appears only when complete,
     and an existing one is replaced only with ``force=True``. The returned MergeResult has an
-    empty state_dict (the tensors went to disk) and the report that was written.
+    empty state_dict (the tensors went to disk) and the report that was written. `spill_dir`: as
+    for merge (keep R²M's between-pass tensors on disk there, so memory does not grow with the model).
     """
     from r2m_fast.io import merge_checkpoints
 
     return merge_checkpoints(
         base, specialists, output, config or R2MConfig(), method=method, options=options or {}, prefix=prefix,
-        device=device, shard_size=shard_size, force=force, progress=progress,
+        device=device, shard_size=shard_size, force=force, progress=progress, spill_dir=spill_dir,
     )

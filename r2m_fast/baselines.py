@@ -227,11 +227,21 @@ def run_method(
     options: Optional[Mapping[str, Any]] = None,
     sink: Optional[Sink] = None,
     progress: bool = False,
+    spill_dir: Optional[Any] = None,
 ) -> MergeResult:
-    """R²M (the engine) or a baseline over a LayerSource, through the same sink."""
+    """R²M (the engine) or a baseline over a LayerSource, through the same sink. `spill_dir`: where
+    R²M keeps its between-pass tensors (r2m_fast.spill); a baseline keeps none, so it only checks
+    the folder and reports 0 bytes."""
     method_options(method, options)  # validates the method name and its options first
     if method == "r2m":
         from r2m_fast.engine import run_merge
 
-        return run_merge(source, config or R2MConfig(), sink=sink, progress=progress)
-    return run_baseline(source, method, options, config, sink=sink, progress=progress)
+        return run_merge(source, config or R2MConfig(), sink=sink, progress=progress, spill_dir=spill_dir)
+    if spill_dir is None:
+        return run_baseline(source, method, options, config, sink=sink, progress=progress)
+    from r2m_fast.spill import check_spill_dir
+
+    check_spill_dir(spill_dir)
+    result = run_baseline(source, method, options, config, sink=sink, progress=progress)
+    result.report.update(spill_bytes=0, spill_peak_bytes=0)
+    return result

@@ -23,7 +23,7 @@ from r2m_fast.baselines import METHODS, OPTION_NAMES
 
 PROG = "r2m-merge"
 # YAML keys that are not R2MConfig fields or method options.
-RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device")
+RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device", "spill_dir")
 # Rough rates for the --dry-run time estimate; the estimate says which it assumed.
 ASSUMED_READ_BYTES_PER_S = 1.0e9
 ASSUMED_FLOPS = {"cpu": 5.0e10, "cuda": 2.0e13}
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned specialists of one base model by R²M (or a baseline), streaming "
         "one layer at a time. Inputs: .safetensors, Hugging Face folders, .pt/.pth/.bin state dicts.",
         epilog="YAML keys: base, specialists, output, method, any R2MConfig field (rank_ratio, alpha, "
-        "k_real, ...), method options (scaling, density), prefix, shard_size, device. Flags override it. "
+        "k_real, ...), method options (scaling, density), prefix, shard_size, device, spill_dir. Flags override it. "
         "Incremental re-merges: `r2m-merge add --state DIR --specialist PATH` and "
         "`r2m-merge remove --state DIR (--specialist PATH | --index I)` on a merge run with --save-state.",
     )
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
     e.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads)")
     e.add_argument("--out-dtype", help="dtype of merged floating tensors (default: each base tensor's)")
+    e.add_argument("--spill-dir", metavar="DIR",
+                   help="keep R²M's sketches and residual factors between passes in a temporary folder inside "
+                   "DIR (an existing folder) instead of memory: memory no longer grows with the model; same result")
     e.add_argument("--dry-run", action="store_true", help="print the plan and estimates, write nothing")
     e.add_argument("--quiet", action="store_true", help="no progress bars, no summary")
     e.add_argument("--debug", action="store_true", help="full tracebacks on errors")
@@ -138,7 +141,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     run = {k: data.pop(k) for k in RUN_KEYS if k in data}
     for key, value in (("base", args.base), ("specialists", args.specialists), ("output", args.output),
                        ("method", args.method), ("prefix", args.prefix), ("shard_size", args.shard_size),
-                       ("device", args.device)):
+                       ("device", args.device), ("spill_dir", args.spill_dir)):
         if value is not None:
             run[key] = value
     for key in CONFIG_FLAGS:
@@ -198,7 +201,8 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
         print(f"  specialist: {s}", file=out)
     print(f"  output: {settings.get('output')}", file=out)
     flops = 0.0
-    resident = 0.0  # sketches (pass 1 → 2) and factors (pass 2 → 3) kept across layers
+    resident = 0.0  # most bytes of sketches (pass 1 → 2) and factors (pass 2 → 3) held at once
+    kept: list[tuple[int, int]] = []  # per truncated layer: its sketches' and its factors' bytes
     largest = 0.0
     print(f"{'layer':<48} {'shape':<20} {'dtype':<9} {'kind':<12} rank", file=out)
     if method == "r2m":
@@ -215,11 +219,16 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
                 s = sketch_width(layer, config.oversample)
                 flops += 2 * N * m * n * s * (1 + 2 * q + 1)  # sketch, power iterations, QᵀF
                 flops += 2 * m * n * N * layer.rank           # accumulation L Rᵀ
-                resident += 4 * N * (m * s + (m + n) * layer.rank)
+                kept.append((4 * N * m * s, 4 * N * (m + n) * layer.rank))
             rank = "-" if layer.rank is None else str(layer.rank)
             dtype = str(layer.dtype).removeprefix("torch.")
             print(f"{layer.name:<48} {str(layer.shape):<20} {dtype:<9} {layer.kind:<12} {rank}", file=out)
         passes = 3
+        # Pass 2 frees each layer's sketches as it stores its factors.
+        held = resident = sum(sketch for sketch, _ in kept)
+        for sketch, factor in kept:
+            held += factor - sketch
+            resident = max(resident, held)
     else:
         for name, (shape, dtype) in specs.items():
             numel = math.prod(shape)
@@ -235,9 +244,13 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     read = passes * (N + 1) * model_bytes
     rate = ASSUMED_FLOPS["cuda" if device.type == "cuda" else "cpu"]
     seconds = max(read / ASSUMED_READ_BYTES_PER_S, flops / rate)
-    print(f"estimated peak memory: {_fmt_bytes(largest + resident)} "
+    spill = settings.get("spill_dir") if method == "r2m" else None
+    print(f"estimated peak memory: {_fmt_bytes(largest + (0 if spill else resident))} "
           f"(largest layer of {N + 1} models with fp32 work copies {_fmt_bytes(largest)}"
-          + (f", sketches and residual factors {_fmt_bytes(resident)}" if method == "r2m" else "") + ")", file=out)
+          + (f", sketches and residual factors {_fmt_bytes(resident)}" if method == "r2m" and not spill else "")
+          + ")", file=out)
+    if spill:
+        print(f"spilled to {spill}: sketches and residual factors, at most {_fmt_bytes(resident)} of disk", file=out)
     print(f"estimated work: {flops / 1e9:.2f} GFLOP, {_fmt_bytes(read)} read in {passes} pass(es), "
           f"{_fmt_bytes(model_bytes)} written", file=out)
     print(f"estimated time: {seconds:.1f} s (assuming {ASSUMED_READ_BYTES_PER_S / 1e9:.0f} GB/s reads and "
@@ -333,7 +346,7 @@ def _run(args: argparse.Namespace) -> int:
         settings["base"], settings["specialists"], settings["output"], settings["config"],
         method=settings["method"], options=settings["options"], prefix=settings.get("prefix"),
         device=settings.get("device"), shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE,
-        force=args.force, progress=not args.quiet,
+        force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
     )
     if not args.quiet:
         summarize(result)

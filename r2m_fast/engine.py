@@ -18,7 +18,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, MutableMapping, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -29,6 +29,11 @@ from r2m_fast.plan import (
     MergeInputError, check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
+
+if TYPE_CHECKING:
+    import os
+
+    from r2m_fast.spill import Spill
 
 Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 Sink = Callable[[str, torch.Tensor], None]
@@ -96,16 +101,27 @@ class MergeState:
 
     plan: list[LayerPlan]
     grams: dict[str, torch.Tensor] = field(default_factory=dict)     # (N, N) fp64, CPU
-    sketches: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, m, s) fp32, compute device
+    sketches: MutableMapping[str, torch.Tensor] = field(default_factory=dict)  # (N, m, s) fp32, compute device
     # Operand dtype of the subspace-finding products (Ω and the power iterations).
     range_finder_dtype: torch.dtype = torch.float32
+    # Where the sketches and residual factors wait between passes: memory (None) or files (r2m_fast.spill).
+    spill: Optional["Spill"] = None
+
+    def __post_init__(self) -> None:
+        if self.spill is not None and not self.sketches:
+            self.sketches = self.new_store("sketches")
+
+    def new_store(self, kind: str) -> MutableMapping:
+        """An empty layer name → tensor mapping: a dict, or a SpillStore when spilling."""
+        return {} if self.spill is None else self.spill.store(kind)
 
 
-def new_state(source: "LayerSource", config: R2MConfig, backend: Backend) -> MergeState:
-    """The empty state of a merge of `source` with `config` on `backend`."""
+def new_state(source: "LayerSource", config: R2MConfig, backend: Backend, spill: Optional["Spill"] = None) -> MergeState:
+    """The empty state of a merge of `source` with `config` on `backend` (spilling into `spill` if given)."""
     return MergeState(
         plan=build_plan(source.specs(), config),
         range_finder_dtype=range_finder_dtype(config, source.device, backend.name),
+        spill=spill,
     )
 
 
@@ -300,12 +316,13 @@ def factorize_residuals(
 
 def factor_pass(
     source: LayerSource, state: MergeState, real: RealSubspace, config: R2MConfig, ops, progress: bool = False,
-) -> dict[str, ResidualFactors]:
+) -> MutableMapping[str, ResidualFactors]:
     """Pass 2: rank-r factors of every truncated layer's residuals.
 
     On CPU one layer at a time, each layer's residuals formed once when the backend offers
     ``residual_operator`` (memory: one layer × N). On CUDA, layers of one shape and rank go through
-    the range finder together (see factorize_residuals); their weights are read in place.
+    the range finder together (see factorize_residuals); their weights are read in place. Each
+    layer's sketch is dropped from `state` once factored; the factors go to `state.new_store`.
     """
     layers = [layer for layer in state.plan if layer.rank is not None and layer.kind == DECOMPOSED]
     if source.device.type == "cuda":
@@ -315,7 +332,7 @@ def factor_pass(
         batches = list(groups.values())
     else:
         batches = [[layer] for layer in layers]
-    factors = {}
+    factors = state.new_store("factors")
     bar = _progress_bar(len(layers), "pass 2/3: residual factors", progress)
     for batch in batches:
         matmuls, coeffs = [], []
@@ -332,6 +349,8 @@ def factor_pass(
             batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
         )
         factors.update((layer.name, result) for layer, result in zip(batch, results))
+        for layer in batch:
+            del state.sketches[layer.name]  # only the range finder's start: free it (memory or disk) now
         bar.update(len(batch))
     bar.close()
     return factors
@@ -344,7 +363,13 @@ def _residual_matmul(ops, weights, core_coeffs, rhs: torch.Tensor, transpose: bo
 def residual_norms(state: MergeState, real: RealSubspace, factors: Mapping[str, ResidualFactors], N: int) -> torch.Tensor:
     """nᵢ = ‖f̃ᵢ‖ over all merged parameters: kept σ² where truncated, cᵢᵀ Gˡ cᵢ (cᵢ = eᵢ − w) elsewhere;
     0 where it is negligible against ‖τᵢ‖ (see NEGLIGIBLE_RESIDUAL_RTOL)."""
-    return residual_norms_from_kept(state, real, {name: f.kept_sq for name, f in factors.items()}, N)
+    return residual_norms_from_kept(state, real, kept_squares(factors), N)
+
+
+def kept_squares(factors: Mapping[str, ResidualFactors]) -> dict[str, torch.Tensor]:
+    """Each truncated layer's kept σ², (N,) fp64; a SpillStore has them in memory and reads no factor back."""
+    held = getattr(factors, "kept_squares", None)
+    return held() if held is not None else {name: f.kept_sq for name, f in factors.items()}
 
 
 def residual_norms_from_kept(
@@ -415,15 +440,21 @@ def run_merge(
     config: R2MConfig,
     sink: Optional[Sink] = None,
     progress: bool = False,
+    spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
 ) -> MergeResult:
-    """R²M over a LayerSource. Without a sink the merged tensors are returned in the result."""
+    """R²M over a LayerSource. Without a sink the merged tensors are returned in the result. With
+    `spill_dir`, the sketches and residual factors wait between passes in a temporary folder created
+    there (r2m_fast.spill) instead of memory: the same result, bit for bit."""
+    from r2m_fast.spill import open_spill
+
     start = time.perf_counter()
     backend: Backend = resolve_backend(config.backend, source.device)
     ops = backend.ops()
-    state = new_state(source, config, backend)
-    t = time.perf_counter()
-    gram_pass(source, state, config, ops, progress)
-    return merge_from_state(source, state, config, backend, sink, progress, start=start, pass1_start=t)
+    with open_spill(spill_dir, source.device) as spill:
+        state = new_state(source, config, backend, spill)
+        t = time.perf_counter()
+        gram_pass(source, state, config, ops, progress)
+        return merge_from_state(source, state, config, backend, sink, progress, start=start, pass1_start=t)
 
 
 @torch.no_grad()
@@ -468,6 +499,8 @@ def merge_from_state(
     seconds["accumulate"] = time.perf_counter() - t
 
     report = merge_report(state, real, norms, eta, config, backend, source.device, seconds)
+    if state.spill is not None:
+        report.update(state.spill.report())
     report["seconds"] = time.perf_counter() - start
     return MergeResult(state_dict=out, report=report)
 

@@ -773,6 +773,10 @@ def merge_main(argv: Optional[Sequence[str]] = None) -> int:
     if settings["method"] != "r2m":
         print(f"{parser.prog}: error: a merge state exists for method r2m only", file=sys.stderr)
         return 2
+    if settings.get("spill_dir") is not None:
+        # save_state gathers every sketch in memory to write the state: spilling would not bound memory.
+        print(f"{parser.prog}: error: --spill-dir does not combine with --save-state", file=sys.stderr)
+        return 2
     return _run_cli(parser.prog, args, lambda: merge_files_with_state(
         settings["base"], settings["specialists"], settings["output"], settings["config"],
         prefix=settings.get("prefix"), device=settings.get("device"),

@@ -742,6 +742,7 @@ def merge_checkpoints(
     shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
     force: bool = False,
     progress: bool = False,
+    spill_dir: Optional[PathLike] = None,
 ):
     """Stream a merge of checkpoints on disk into `output` (see r2m_fast.api.merge_files)."""
     import yaml
@@ -753,11 +754,16 @@ def merge_checkpoints(
     started = time.time()
     t0 = time.perf_counter()
     check_output_apart(output, [base, *specialists])
+    if spill_dir is not None:
+        from r2m_fast.spill import check_spill_dir
+
+        check_spill_dir(spill_dir)  # before anything is read or written
     with _sigterm_cleans_up(), FileSource(base, specialists, device=device, prefix=prefix) as source:
         open_seconds = time.perf_counter() - t0
         layout = output_layout(source.specs(), config.out_dtype)
         with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
-            result = run_method(source, config, method=method, options=options, sink=writer, progress=progress)
+            result = run_method(source, config, method=method, options=options, sink=writer, progress=progress,
+                                spill_dir=spill_dir)
             report = dict(result.report)
             report.update(
                 {

@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models import model_family
 
@@ -41,3 +42,13 @@ def _one_thread():
 def family():
     """A base and three specialists (tests/models.py), shared by a module's tests."""
     return model_family(3)
+
+
+@pytest.fixture()
+def inputs(tmp_path, family):
+    """The family written as tmp_path/m0.safetensors (base) … m3.safetensors, for file and CLI merges."""
+    paths = []
+    for i, sd in enumerate(family):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(sd, str(paths[-1]))
+    return paths

@@ -105,3 +105,11 @@ def layer_family(
 
 
 test_devices.__test__ = False  # a helper that pytest would otherwise collect from `from helpers import *`
+
+
+def merge_flags(paths, out) -> list[str]:
+    """r2m-merge arguments merging paths[0] (base) and paths[1:] into `out`, quietly."""
+    argv = ["--base", str(paths[0])]
+    for p in paths[1:]:
+        argv += ["--specialist", str(p)]
+    return argv + ["--output", str(out), "--quiet"]

@@ -17,28 +17,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import r2m_fast
+from helpers import merge_flags as flags
 from r2m_fast.cli import main
 from r2m_fast.io import SINK_DELAY_ENV
 
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-
-@pytest.fixture()
-def inputs(tmp_path, family):
-    paths = []
-    for i, sd in enumerate(family):
-        paths.append(tmp_path / f"m{i}.safetensors")
-        save_file(sd, str(paths[-1]))
-    return paths
-
-
-def flags(paths, out):
-    argv = ["--base", str(paths[0])]
-    for p in paths[1:]:
-        argv += ["--specialist", str(p)]
-    return argv + ["--output", str(out), "--quiet"]
 
 
 def merged(out: Path):
