@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -40,11 +40,14 @@ import torch.distributed as dist
 from r2m_fast.backends import resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.engine import (
-    LayerSource, MergeState, Sink, accumulate_pass, factor_pass, gram_pass, merge_report, new_state,
+    LayerSource, MergeState, Sink, accumulate_pass, factor_pass, gram_pass, kept_squares, merge_report, new_state,
     residual_norms_from_kept, residual_scales, solve_real_subspace,
 )
 from r2m_fast.plan import DECOMPOSED, LayerPlan
 from r2m_fast.result import MergeResult
+
+if TYPE_CHECKING:
+    from r2m_fast.spill import Spill
 
 T = TypeVar("T")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -123,12 +126,22 @@ def merge_distributed(
     sink: Optional[Sink] = None,
     progress: bool = False,
     group: Optional[dist.ProcessGroup] = None,
+    spill_dir: Optional[PathLike] = None,
 ) -> MergeResult:
     """R²M over a LayerSource on every rank of `group` (initialized): each rank merges its layers
     (assign_layers) into `sink`, or into the returned state_dict when no sink is given. Every rank
     returns the same report (global norms, η, eigenvalues) plus ``distributed`` (per-rank layers,
-    bytes and pass seconds)."""
+    bytes and pass seconds). `spill_dir`: each rank keeps its sketches and factors in a temporary
+    folder of its own there (r2m_fast.spill) instead of memory."""
+    from r2m_fast.spill import open_spill
+
     comm = Comm(group)
+    with comm.run(lambda: open_spill(spill_dir, source.device)) as spill:
+        return _merge_distributed(source, config, sink, progress, comm, spill)
+
+
+def _merge_distributed(source: LayerSource, config: R2MConfig, sink: Optional[Sink], progress: bool, comm: Comm,
+                       spill: Optional["Spill"]) -> MergeResult:
     start = time.perf_counter()
     backend = resolve_backend(config.backend, source.device)
     ops = backend.ops()
@@ -138,6 +151,7 @@ def merge_distributed(
     local = MergeState(
         plan=[layer for layer in full.plan if owner[layer.name] == comm.rank],
         range_finder_dtype=full.range_finder_dtype,
+        spill=spill,
     )
     out: dict[str, torch.Tensor] = {}
     sink = sink or out.__setitem__
@@ -164,9 +178,10 @@ def merge_distributed(
     local.sketches.clear()
     truncated = [layer.name for layer in full.plan if layer.rank is not None and layer.kind == DECOMPOSED]
     kept = torch.zeros(len(truncated), N, dtype=torch.float64)
+    held = kept_squares(factors)
     for i, name in enumerate(truncated):
-        if name in factors:
-            kept[i] = factors[name].kept_sq
+        if name in held:
+            kept[i] = held[name]
     kept = comm.sum(kept)
     norms = residual_norms_from_kept(full, real, {name: kept[i] for i, name in enumerate(truncated)}, N)
     eta = config.alpha * real.core_norm
@@ -185,10 +200,14 @@ def merge_distributed(
         "bytes_per_model": sum(layer.numel * layer.dtype.itemsize for layer in local.plan),
         "pass_seconds": seconds,
         "seconds": time.perf_counter() - start,
+        **(spill.report() if spill is not None else {}),
     }
     ranks = comm.gather(mine)
     report["distributed"] = {"world_size": comm.world, "comm_backend": comm.backend, "ranks": ranks}
     report["seconds"] = max(r["seconds"] for r in ranks)
+    if spill is not None:  # over all ranks (the peak: an upper bound of what they hold at once)
+        report["spill_bytes"] = sum(r["spill_bytes"] for r in ranks)
+        report["spill_peak_bytes"] = sum(r["spill_peak_bytes"] for r in ranks)
     return MergeResult(state_dict=out, report=report)
 
 
@@ -210,9 +229,11 @@ def merge_files_distributed(
     force: bool = False,
     progress: bool = False,
     group: Optional[dist.ProcessGroup] = None,
+    spill_dir: Optional[PathLike] = None,
 ) -> MergeResult:
     """r2m_fast.merge_files on every rank of an initialized process group: same output folder layout
-    (shards + model.safetensors.index.json, merge_config.yaml, merge_report.json), written atomically."""
+    (shards + model.safetensors.index.json, merge_config.yaml, merge_report.json), written atomically.
+    `spill_dir`: as for merge_distributed."""
     import yaml
 
     from r2m_fast.io import (
@@ -256,7 +277,8 @@ def merge_files_distributed(
             writer = comm.run(lambda: ShardedSafetensorsWriter(
                 tmp_root / f"rank-{comm.rank:05d}", layout, shard_size=shard_size).__enter__())
             try:
-                result = merge_distributed(source, config, sink=writer, progress=progress, group=group)
+                result = merge_distributed(source, config, sink=writer, progress=progress, group=group,
+                                           spill_dir=spill_dir)
                 comm.run(lambda: writer.commit() if layout else None)
             finally:
                 writer.__exit__(None, None, None)  # removes its temporary folder unless committed
@@ -360,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = merge_files_distributed(
             settings["base"], settings["specialists"], settings["output"], settings["config"],
             prefix=settings.get("prefix"), device=device, shard_size=settings.get("shard_size") or "5GB",
-            force=args.force, progress=not args.quiet,
+            force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
         )
     except Exception as exc:
         if args.debug:

@@ -53,6 +53,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
         models = torch.load(d / "models.pt")
         result = merge_distributed(DictSource(models[0], models[1:]), CONFIG)
         torch.save({"state_dict": result.state_dict, "report": result.report}, d / f"part{rank}.pt")
+        # Each rank spilling its sketches and factors into a folder of its own under d/spill.
+        result = merge_distributed(DictSource(models[0], models[1:]), CONFIG, spill_dir=d / "spill")
+        torch.save({"state_dict": result.state_dict, "report": result.report}, d / f"spilled{rank}.pt")
         specialists = [d / f"s{i}.safetensors" for i in range(1, len(models))]
         merge_files_distributed(d / "base.safetensors", specialists, d / "out", CONFIG, shard_size=20_000)
         # bad.safetensors has a NaN in a tensor one rank owns: every rank must stop with its message.
@@ -85,6 +88,7 @@ def run_ranks(folder: Path) -> None:
 def test_two_gloo_ranks_equal_single_process(tmp_path):
     models = model_family(3, seed=5)
     torch.save(models, tmp_path / "models.pt")
+    (tmp_path / "spill").mkdir()
     save_file(models[0], str(tmp_path / "base.safetensors"))
     for i, model in enumerate(models[1:], 1):
         save_file(model, str(tmp_path / f"s{i}.safetensors"))
@@ -114,6 +118,16 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     for key in ("core_norm", "eta", "residual_norms", "eigenvalues", "core_coeffs", "layers", "ranks"):
         assert parts[0]["report"][key] == want.report[key] == parts[1]["report"][key], key
     assert parts[0]["report"]["distributed"]["world_size"] == WORLD
+
+    spilled = [torch.load(tmp_path / f"spilled{rank}.pt") for rank in range(WORLD)]
+    got = {**spilled[0]["state_dict"], **spilled[1]["state_dict"]}
+    assert set(got) == set(want.state_dict)
+    for name, tensor in want.state_dict.items():
+        assert torch.equal(got[name], tensor), name
+    ranks = spilled[0]["report"]["distributed"]["ranks"]
+    assert all(r["spill_bytes"] > 0 for r in ranks)
+    assert spilled[0]["report"]["spill_bytes"] == sum(r["spill_bytes"] for r in ranks)
+    assert os.listdir(tmp_path / "spill") == []
 
     out = tmp_path / "out"
     written = load_state_dict(out)
