@@ -2,13 +2,15 @@
 
     python benchmarks/bench_streaming.py                  # writes benchmarks/results/streaming_<date>.md
     python benchmarks/bench_streaming.py --layers 12 48 --width 1024 --specialists 3
+    python benchmarks/bench_streaming.py --layers 12 48 --spill --modes stream --repeats 3   # R²M with --spill-dir
 
 Synthetic models of `layers` square fp32 weights (width × width) plus a norm and a bias per layer are
 written as .safetensors under a scratch folder. Every measurement runs in a fresh subprocess and
 reads its own peak RSS (VmHWM; ru_maxrss where there is no /proc), so import overhead is the same in each row; a subprocess that only imports
 torch and r2m_fast gives that floor. The "bound" column is one layer of the N+1 inputs plus the N+1
 fp32 working copies, the merged layer and the sketches and residual factors R²M keeps across layers
-(DESIGN §2: memory is one layer × (N+2) plus sketches, never the model).
+(DESIGN §2: memory is one layer × (N+2) plus sketches, never the model). With ``--spill`` each R²M
+streamed merge also runs with ``--spill-dir`` (r2m_fast.spill), whose bound is the layer alone.
 """
 
 from __future__ import annotations
@@ -45,16 +47,20 @@ from r2m_fast.cli import main as cli_main
 from r2m_fast.io import load_state_dict
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
-if args["mode"] == "stream":
+extra = {}
+if args["mode"] in ("stream", "spill"):
+    spill = ["--spill-dir", args["spill_dir"]] if args["mode"] == "spill" else []
     code = cli_main(["--base", args["paths"][0]] + sum((["--specialist", p] for p in args["paths"][1:]), [])
-                    + ["--output", args["output"], "--quiet", "--force", "--method", args["method"]])
+                    + ["--output", args["output"], "--quiet", "--force", "--method", args["method"]] + spill)
     assert code == 0
+    report = json.load(open(args["output"] + "/merge_report.json"))
+    extra = {k: report[k] for k in ("spill_bytes", "spill_peak_bytes") if k in report}
 elif args["mode"] == "memory":
     models = [load_state_dict(p) for p in args["paths"]]
     result = r2m_fast.merge(models[0], models[1:], method=args["method"])
     assert len(result.state_dict) == len(models[0])
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "maxrss_mb": peak_rss_mb()}))
+print(json.dumps({"seconds": seconds, "maxrss_mb": peak_rss_mb(), **extra}))
 """
 
 
@@ -101,13 +107,14 @@ def floor_rss(threads: int) -> float:
 
 def bound_mb(width: int, N: int, rank_ratio: float = 0.1, oversample: int = 10) -> tuple[float, float]:
     """(largest layer: N+1 inputs, N+1 fp32 copies, the output; per truncated layer: its sketches
-    Zⱼ (pass 1 → 2) and rank-r factors (pass 2 → 3), which coexist at the end of pass 2)."""
+    Zⱼ (pass 1 → 2) or its rank-r factors (pass 2 → 3), whichever is larger: pass 2 frees each
+    layer's sketches as it stores its factors)."""
     layer = width * width * 4
     r = max(1, int(rank_ratio * width))
     s = r + oversample
     sketches = 4 * N * (width * s)
     factors = 4 * N * (2 * width * r)
-    return (layer * (N + 1) * 2 + layer) / 2**20, (sketches + factors) / 2**20
+    return (layer * (N + 1) * 2 + layer) / 2**20, max(sketches, factors) / 2**20
 
 
 def machine() -> str:
@@ -134,6 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--specialists", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=["r2m"])
+    p.add_argument("--modes", nargs="+", choices=("stream", "spill", "memory"), default=["stream", "memory"],
+                   help="stream: r2m-merge; spill: r2m-merge --spill-dir (R²M only); memory: load_state_dict + merge")
+    p.add_argument("--spill", action="store_true", help="add the spill mode (R²M streamed with --spill-dir)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per row: the fastest time, the highest (and lowest) peak RSS")
     p.add_argument("--scratch", default=None, help="folder for the synthetic checkpoints (default: a temp folder)")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/streaming_<date>.md)")
     args = p.parse_args(argv)
@@ -145,6 +156,9 @@ def main(argv=None) -> int:
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="r2m_bench_stream_"))
     scratch.mkdir(parents=True, exist_ok=True)
+    modes = list(dict.fromkeys(args.modes + (["spill"] if args.spill else [])))
+    spill_dir = scratch / "spill"
+    spill_dir.mkdir(exist_ok=True)
     base_rss = floor_rss(args.threads)
     layer_mb, kept_mb = bound_mb(args.width, args.specialists)
     rows = []
@@ -155,9 +169,14 @@ def main(argv=None) -> int:
             paths = write_models(folder, layers, args.width, args.specialists)
             model_mb = os.path.getsize(paths[0]) / 2**20
             for method in args.methods:
-                for mode in ("stream", "memory"):
-                    res = run_child({"mode": mode, "paths": paths, "output": str(folder / "merged"), "method": method},
-                                    args.threads)
+                for mode in modes:
+                    if mode == "spill" and method != "r2m":
+                        continue  # the baselines keep nothing across layers
+                    runs = [run_child({"mode": mode, "paths": paths, "output": str(folder / "merged"), "method": method,
+                                       "spill_dir": str(spill_dir)}, args.threads) for _ in range(args.repeats)]
+                    res = {**runs[0], "seconds": min(r["seconds"] for r in runs),
+                           "maxrss_mb": max(r["maxrss_mb"] for r in runs), "minrss_mb": min(r["maxrss_mb"] for r in runs)}
+                    assert not os.listdir(spill_dir), "the spill folder must be empty after a merge"
                     rows.append({"layers": layers, "model_mb": model_mb, "method": method, "mode": mode, **res})
                     print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(folder)
@@ -180,20 +199,29 @@ def main(argv=None) -> int:
         "a norm and a bias; R²M defaults (rank_ratio 0.1, q = 1)",
         f"- floor: a process that imports torch and r2m_fast peaks at {base_rss:.0f} MB RSS",
         f"- expected bound above that floor: {layer_mb:.0f} MB for the largest layer (N+1 inputs, N+1 fp32 "
-        f"copies, the output), independent of depth, + {kept_mb:.1f} MB per truncated layer of sketches and "
-        "residual factors that R²M keeps between passes (≈ 2·rank_ratio·N/(N+1) of the inputs' size; "
-        "DESIGN §3); bound column = both",
+        f"copies, the output), independent of depth, + {kept_mb:.1f} MB per truncated layer of residual factors "
+        "(or sketches, whichever is larger) that R²M keeps between passes in memory (DESIGN §3), none with "
+        "--spill-dir; bound column = both",
         "- stream = `r2m-merge --base … --specialist … --output …` (reads, merges and writes one layer at a time); "
+        "spill = the same with `--spill-dir` (sketches and factors wait in files between passes); "
         "memory = load every model with r2m_fast.io.load_state_dict, then `r2m_fast.merge`",
+        f"- {args.repeats} run(s) per row, each a fresh process: the fastest time and the highest peak RSS "
+        "(lowest in brackets when it differs by 5 MB or more: glibc's heap slack depends on the address-space layout); "
+        "spilled = bytes written to the spill folder, disk peak = most held there at once (merge_report.json)",
         "",
-        "| layers | model size (MB) | all inputs (MB) | method | mode | bound (MB) | peak RSS (MB) | RSS above floor (MB) | time (s) |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| layers | model size (MB) | all inputs (MB) | method | mode | bound (MB) | peak RSS (MB) | RSS above floor (MB) "
+        "| time (s) | spilled (MB) | disk peak (MB) |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        kept = kept_mb * r["layers"] if r["method"] == "r2m" and r["mode"] != "spill" else 0
+        low = f" ({r['minrss_mb']:.0f})" if r["maxrss_mb"] - r["minrss_mb"] >= 5 else ""
+        spilled = (f"{r['spill_bytes'] / 2**20:.0f} | {r['spill_peak_bytes'] / 2**20:.0f}"
+                   if "spill_bytes" in r else "– | –")
         lines.append(
             f"| {r['layers']} | {r['model_mb']:.0f} | {r['model_mb'] * (N + 1):.0f} | {r['method']} | {r['mode']} | "
-            f"{layer_mb + (kept_mb * r['layers'] if r['method'] == 'r2m' else 0):.0f} | "
-            f"{r['maxrss_mb']:.0f} | {r['maxrss_mb'] - base_rss:.0f} | {r['seconds']:.1f} |"
+            f"{layer_mb + kept:.0f} | {r['maxrss_mb']:.0f}{low} | {r['maxrss_mb'] - base_rss:.0f} | {r['seconds']:.1f} | "
+            f"{spilled} |"
         )
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
