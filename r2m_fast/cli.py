@@ -327,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
         from r2m_fast.example import run_example
 
         run_example(args.example, force=args.force, quiet=args.quiet, device=args.device,
-                    threads=args.threads if args.threads is not None else 1)
+                    threads=args.threads if args.threads is not None else 1, spill_dir=args.spill_dir)
         return 0
     if args.threads is not None:
         import torch

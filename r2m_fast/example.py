@@ -109,7 +109,7 @@ def write_example(folder: Union[str, os.PathLike]) -> tuple[Path, list[Path]]:
 
 def run_example(
     folder: Union[str, os.PathLike], force: bool = False, quiet: bool = False, device: Optional[str] = None,
-    threads: Optional[int] = 1,
+    threads: Optional[int] = 1, spill_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> None:
     """Build the example models under `folder`, merge them into folder/merged, print the report.
 
@@ -121,12 +121,14 @@ def run_example(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        _run_example(Path(folder), force, quiet, device)
+        _run_example(Path(folder), force, quiet, device, spill_dir)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_example(folder: Path, force: bool, quiet: bool, device: Optional[str]) -> None:
+def _run_example(
+    folder: Path, force: bool, quiet: bool, device: Optional[str], spill_dir: Optional[Union[str, os.PathLike]],
+) -> None:
     from r2m_fast.cli import summarize
     from r2m_fast.config import R2MConfig
     from r2m_fast.io import merge_checkpoints
@@ -138,7 +140,7 @@ def _run_example(folder: Path, force: bool, quiet: bool, device: Optional[str]) 
         print(f"merging: r2m-merge {folder / 'merge.yaml'}")
     result = merge_checkpoints(
         base, specialists, folder / "merged", R2MConfig(head_prefix="head."), device=device, force=force,
-        progress=not quiet,
+        progress=not quiet, spill_dir=spill_dir,
     )
     if not quiet:
         summarize(result)

@@ -194,6 +194,16 @@ def test_example(tmp_path, capsys):
     assert main(["--example", str(tmp_path / "ex"), "--quiet", "--force"]) == 0
 
 
+def test_example_honours_spill_dir(tmp_path, capsys):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    assert main(["--example", str(tmp_path / "ex"), "--quiet", "--spill-dir", str(spill)]) == 0
+    report = json.loads((tmp_path / "ex" / "merged" / "merge_report.json").read_text())
+    assert report["spill_bytes"] > 0 and not any(spill.iterdir())
+    assert main(["--example", str(tmp_path / "ex2"), "--quiet", "--spill-dir", str(tmp_path / "missing")]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
 # --- subprocesses: the console entry and signals ----------------------------------------------------
 
 
