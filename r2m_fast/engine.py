@@ -18,7 +18,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, MutableMapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -162,18 +162,11 @@ def _matrices(tensors: Sequence[torch.Tensor], layer: LayerPlan) -> list[torch.T
     return [t.reshape(layer.matrix) for t in tensors]
 
 
-def _progress(items: Sequence[LayerPlan], desc: str, enabled: bool) -> Iterable[LayerPlan]:
-    if not enabled:
-        return items
+def _progress(items: Sequence[LayerPlan], desc: str, enabled: bool):
+    """A per-layer progress bar over `items` (iterate it, or call .update when items go in batches)."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="layer", leave=False)
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=not enabled)
+    return tqdm(items, desc=desc, unit="layer", leave=False, disable=not enabled)
 
 
 def gram_pass(
@@ -333,7 +326,7 @@ def factor_pass(
     else:
         batches = [[layer] for layer in layers]
     factors = state.new_store("factors")
-    bar = _progress_bar(len(layers), "pass 2/3: residual factors", progress)
+    bar = _progress(layers, "pass 2/3: residual factors", progress)
     for batch in batches:
         matmuls, coeffs = [], []
         for layer in batch:
