@@ -238,7 +238,7 @@ def merge_files_distributed(
 
     from r2m_fast.io import (
         CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX, FileSource, ShardedSafetensorsWriter, check_output_apart,
-        output_layout, run_config_dict, versions,
+        output_layout, output_report, run_config_dict,
     )
     from r2m_fast.plan import build_plan
 
@@ -304,18 +304,7 @@ def merge_files_distributed(
                 total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in layout_all)
                 index = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n, _, _ in layout_all}}
                 (tmp_root / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            report = dict(result.report)
-            report.update({
-                "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
-                "prefix": prefix,
-                "output": str(output),
-                "files": final + ([SAFETENSORS_INDEX] if len(final) > 1 else []),
-                "versions": versions(),
-                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "timings": {"merge_seconds": result.report.get("seconds"),
-                            "pass_seconds": result.report.get("pass_seconds"),
-                            "total_seconds": time.perf_counter() - t0},
-            })
+            report = output_report(result, base, specialists, output, prefix, final, started, t0)
             run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
             run_cfg["nproc"] = comm.world
             (tmp_root / CONFIG_FILE).write_text(yaml.safe_dump(run_cfg, sort_keys=False))

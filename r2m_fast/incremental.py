@@ -544,8 +544,8 @@ def _write_files(
     import yaml
 
     from r2m_fast.io import (
-        CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX, FileSource, ShardedSafetensorsWriter, check_output_apart,
-        output_layout, run_config_dict, versions,
+        CONFIG_FILE, REPORT_FILE, FileSource, ShardedSafetensorsWriter, check_output_apart, output_layout,
+        output_report, run_config_dict,
     )
 
     started = time.time()
@@ -558,20 +558,8 @@ def _write_files(
             assert writer.tmp is not None
             result, _ = run(source, sink=writer, base=base_record, records=records, prefix=prefix,
                             save_to=writer.tmp / STATE_DIR, extra={"output": os.path.abspath(output)})
-            report = dict(result.report)
-            report.update({
-                "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
-                "prefix": prefix,
-                "output": str(output),
-                "files": list(writer.files) + ([SAFETENSORS_INDEX] if len(writer.files) > 1 else []),
-                "state": STATE_DIR,
-                "operation": operation,
-                "versions": versions(),
-                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "timings": {"merge_seconds": result.report.get("seconds"),
-                            "pass_seconds": result.report.get("pass_seconds"),
-                            "total_seconds": time.perf_counter() - t0},
-            })
+            report = output_report(result, base, specialists, output, prefix, writer.files, started, t0,
+                                   state=STATE_DIR, operation=operation)
             run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
             writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")

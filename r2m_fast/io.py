@@ -36,6 +36,7 @@ import torch
 
 from r2m_fast.config import R2MConfig
 from r2m_fast.plan import MergeInputError, check_compatible
+from r2m_fast.result import MergeResult
 
 PathLike = Union[str, os.PathLike]
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -708,6 +709,29 @@ def versions() -> dict[str, str]:
     }
 
 
+def output_report(
+    result: MergeResult, base: PathLike, specialists: Sequence[PathLike], output: PathLike, prefix: Optional[str],
+    files: Sequence[str], started: float, t0: float, timings: Optional[dict] = None, **fields: Any,
+) -> dict:
+    """The report written beside a merged checkpoint: the merge's own report, `fields`, where it read
+    and wrote, versions, and timings (`timings` first, then the merge's and the total since `t0`)."""
+    report = dict(result.report)
+    report.update(fields)
+    report.update({
+        "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
+        "prefix": prefix,
+        "output": str(output),
+        "files": list(files) + ([SAFETENSORS_INDEX] if len(files) > 1 else []),
+        "versions": versions(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "timings": {**(timings or {}),
+                    "merge_seconds": result.report.get("seconds"),
+                    "pass_seconds": result.report.get("pass_seconds"),
+                    "total_seconds": time.perf_counter() - t0},
+    })
+    return report
+
+
 def run_config_dict(
     base: PathLike, specialists: Sequence[PathLike], output: PathLike, config: R2MConfig, method: str,
     options: Mapping[str, Any], prefix: Optional[str], shard_size: Union[int, str], device: Any,
@@ -764,25 +788,8 @@ def merge_checkpoints(
         with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
             result = run_method(source, config, method=method, options=options, sink=writer, progress=progress,
                                 spill_dir=spill_dir)
-            report = dict(result.report)
-            report.update(
-                {
-                    "method": method,
-                    "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
-                    "prefix": prefix,
-                    "output": str(output),
-                    "files": list(writer.files) + ([SAFETENSORS_INDEX] if len(writer.files) > 1 else []),
-                    "seed": config.seed,
-                    "versions": versions(),
-                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                    "timings": {
-                        "open_seconds": open_seconds,
-                        "merge_seconds": result.report.get("seconds"),
-                        "pass_seconds": result.report.get("pass_seconds"),
-                        "total_seconds": time.perf_counter() - t0,
-                    },
-                }
-            )
+            report = output_report(result, base, specialists, output, prefix, writer.files, started, t0,
+                                   timings={"open_seconds": open_seconds}, method=method, seed=config.seed)
             run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device)
             writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")

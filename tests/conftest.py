@@ -32,6 +32,8 @@ def _seed_everything():
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Two shared cores: several OpenMP threads on tiny linear algebra spin far more than they work.
+    # It also fixes GEMM rounding (which may depend on the thread count) for the bit-for-bit tests,
+    # e.g. an incremental re-merge against a from-scratch merge.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

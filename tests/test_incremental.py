@@ -22,15 +22,6 @@ from r2m_fast.plan import MergeInputError
 CONFIG = R2MConfig(rank_ratio=0.2, head_prefix="head.", backend="torch", range_finder_precision="fp32")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # GEMM rounding may depend on the thread count; a state and its re-merge use the same one here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Remove: ‖got − want‖ ≤ this × ‖want − θ₀‖ per tensor (Gram rounding ~1e-16 relative moves w, the
 # merged update moves by fp32 rounding of the output, ~1e-7 relative).
 REMOVE_RTOL = 1e-5
