@@ -139,7 +139,7 @@ def layer_weights(weights: Sequence[torch.Tensor], op: str) -> LayerWeights:
     if any(w.stride() != base.stride() for w in tensors[1:]):
         tensors = [w.contiguous() for w in tensors]
         base = tensors[0]
-    table = torch.tensor([w.data_ptr() for w in tensors[1:]], dtype=torch.int64, device=base.device)
+    table = to_device_async(torch.tensor([w.data_ptr() for w in tensors[1:]], dtype=torch.int64), base.device)
     m, n = base.shape
     aligned = all(w.data_ptr() % 16 == 0 for w in tensors[1:])
     return LayerWeights(base, table, tensors, m, n, base.stride(0), base.stride(1), aligned)
@@ -156,4 +156,14 @@ def coefficient_vector(
             f"r2m_fast.kernels.{op}: {name} must have shape ({num_tasks},) (one per specialist), "
             f"got {tuple(coeffs.shape)}"
         )
-    return coeffs.to(device=device, dtype=torch.float32).contiguous()
+    return to_device_async(coeffs.to(dtype=torch.float32).contiguous(), device)
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without blocking the host. A plain host→GPU copy from pageable memory waits
+    for every kernel queued on the stream, once per op call: several host syncs per layer, which
+    leave the GPU idle between launches. From pinned memory the copy is queued like a kernel (torch's
+    pinned allocator keeps the staging block alive until the copy has run)."""
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
