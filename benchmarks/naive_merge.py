@@ -24,7 +24,8 @@ def naive_merge(base: dict, specialists: Sequence[dict], config: R2MConfig) -> d
     for layer in state.plan:
         if layer.merged:
             weights = [t.reshape(layer.matrix) for t in source.load(layer.name)]
-            state.grams[layer.name] = ops_torch.gram_sketch(weights, None)[0]
+            # On the host, as the engine keeps them (the Real-subspace solve and the norms are host math).
+            state.grams[layer.name] = ops_torch.gram_sketch(weights, None)[0].cpu()
     real = solve_real_subspace(state, config, N)
     factors = {}
     for layer in state.plan:
