@@ -315,16 +315,23 @@ def host_eigh(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Why the host: on CUDA, eigh of s×s matrices with s > 32 runs cuSOLVER's syevd once per matrix,
     about 200 tiny kernel launches each. On an H200 that was 190 ms of a 350 ms pass 2 for 128
     matrices of s ≈ 100 (benchmarks/results/gpu_suite_*_profile.txt), where LAPACK takes about
-    0.5 ms per matrix on one core. Each matrix is solved alone whatever the split, so the result
+    0.5 ms per matrix on one core. Each worker's LAPACK runs single-threaded for the call: workers
+    that each started a full OpenMP team oversubscribed the cores and made it slower than the GPU
+    (benchmarks/bench_small_eigh.py). Each matrix is solved alone whatever the split, so the result
     does not depend on the thread count.
     """
     host = mats.cpu()
-    workers = min(torch.get_num_threads(), host.shape[0]) if host.dim() == 3 else 1
+    threads = torch.get_num_threads()
+    workers = min(threads, host.shape[0]) if host.dim() == 3 else 1
     if workers <= 1:
         evals, evecs = torch.linalg.eigh(host)
     else:
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(torch.linalg.eigh, host.chunk(workers)))
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(torch.linalg.eigh, host.chunk(workers)))
+        finally:
+            torch.set_num_threads(threads)
         evals, evecs = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return evals.to(mats.device), evecs.to(mats.device)
 
