@@ -17,7 +17,6 @@ import math
 import time
 import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, Protocol, Sequence, Union
 
@@ -271,7 +270,7 @@ def factorize_residuals(
 
     For each layer, ``matmuls[l](rhs, transpose)`` multiplies every residual Fᵢ = τᵢ − Σⱼ wⱼτⱼ (or
     Fᵢᵀ) by its own right-hand side, and Yᵢ = Zᵢ − Σⱼ wⱼ Zⱼ is Fᵢ Ω by linearity. The small dense
-    steps (CholeskyQR; the s×s eigenproblems, on the host: host_eigh) run batched over all the layers given, so a GPU pays
+    steps (CholeskyQR, the s×s eigenproblems) run batched over all the layers given, so a GPU pays
     their launch and solver latency once per layer shape, not once per layer. q power iterations,
     each half step re-orthonormalized (fp32 subspace iteration loses small directions otherwise).
     The s×s eigenproblem of BᵢBᵢᵀ replaces the SVD of Bᵢ = QᵢᵀFᵢ: only the top r ≤ s values are
@@ -295,7 +294,7 @@ def factorize_residuals(
         q = ops.orthonormalize(each(p.to(fast_dtype), False), steps=3 if i == power_iters - 1 else 2)
     bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
     small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # Bᵢ Bᵢᵀ
-    evals, evecs = host_eigh(small)
+    evals, evecs = torch.linalg.eigh(small)
     evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
     sigma = evals.clamp_min(0.0).sqrt()
     left = torch.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
@@ -306,34 +305,6 @@ def factorize_residuals(
         ResidualFactors(l_, r_, k_)
         for l_, r_, k_ in zip(left.chunk(count), right.chunk(count), kept_sq.chunk(count))
     ]
-
-
-def host_eigh(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.linalg.eigh of a batch of small symmetric matrices, computed on the host and returned
-    on `mats`' device; the batch is split across torch's intra-op threads.
-
-    Why the host: on CUDA, eigh of s×s matrices with s > 32 runs cuSOLVER's syevd once per matrix,
-    about 200 tiny kernel launches each. On an H200 that was 190 ms of a 350 ms pass 2 for 128
-    matrices of s ≈ 100 (benchmarks/results/gpu_suite_*_profile.txt), where LAPACK takes about
-    0.5 ms per matrix on one core. Each worker's LAPACK runs single-threaded for the call: workers
-    that each started a full OpenMP team oversubscribed the cores and made it slower than the GPU
-    (benchmarks/bench_small_eigh.py). Each matrix is solved alone whatever the split, so the result
-    does not depend on the thread count.
-    """
-    host = mats.cpu()
-    threads = torch.get_num_threads()
-    workers = min(threads, host.shape[0]) if host.dim() == 3 else 1
-    if workers <= 1:
-        evals, evecs = torch.linalg.eigh(host)
-    else:
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                parts = list(pool.map(torch.linalg.eigh, host.chunk(workers)))
-        finally:
-            torch.set_num_threads(threads)
-        evals, evecs = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return evals.to(mats.device), evecs.to(mats.device)
 
 
 def factor_pass(
