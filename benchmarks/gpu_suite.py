@@ -414,7 +414,10 @@ def run_e2e(
         def fast_merge(name: str) -> None:
             passes[name] = r2m_fast.merge(models[0], models[1:], config, backend=name).report["pass_seconds"]
 
-        for name in ops:
+        merged = list(ops)
+        if device.type == "cuda" and set(ops) == {"torch", "triton", "cuda"}:
+            merged.append("auto")  # one backend per op (r2m_fast.backends._AUTO_ROUTES)
+        for name in merged:
             runs[name] = lambda name=name: fast_merge(name)
         times = {}
         for name, fn in runs.items():
@@ -435,7 +438,7 @@ def run_e2e(
                 speedup_vs_torch=times["torch"][0] / p50 if "torch" in times else None,
                 x_floor=p50 * 1e-3 / (moved / bw), pass_seconds=passes.get(name), **meta,
             ))
-        last = (label, N, dtype, models, config, [name for name in ops if name in times])
+        last = (label, N, dtype, models, config, [name for name in merged if name in times])
         del models
         if device.type == "cuda":
             torch.cuda.empty_cache()

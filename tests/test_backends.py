@@ -28,6 +28,10 @@ def _device_for(backend: str) -> str:
         device = "cpu"
     else:
         device = "cuda"
+    if backend == "auto":
+        if device != "cuda":
+            pytest.skip("auto routes ops across backends only on CUDA tensors (on CPU it is torch: test_engine.py)")
+        return device
     reason = BACKENDS[backend].unavailable_reason(torch.device(device))
     if reason is not None:
         pytest.skip(f"backend {backend} unavailable here: {reason}")
@@ -37,7 +41,12 @@ def _device_for(backend: str) -> str:
 PARAMS = [
     pytest.param("triton", marks=pytest.mark.triton_interpreter, id="triton"),
     pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+    pytest.param("auto", marks=pytest.mark.gpu, id="auto"),
 ]
+
+
+def _reported(backend: str, report: dict) -> bool:
+    return report["backend"] == backend or (backend == "auto" and report["backend"].startswith("auto("))
 
 
 @pytest.mark.parametrize("backend", PARAMS)
@@ -48,7 +57,7 @@ def test_gapped_spectrum_matches_reference(backend, num_specialists):
     config = R2MConfig(rank_ratio=0.2, out_dtype=torch.float64, backend=backend)
     ref = r2m_merge(models[0], models[1:], config)
     fast = r2m_fast.merge(models[0], models[1:], config)
-    assert fast.report["backend"] == backend
+    assert _reported(backend, fast.report)
     assert delta_error(fast, ref, models[0], "w") < 2e-4
     assert fast.report["residual_norms"] == pytest.approx(ref.report["residual_norms"], rel=1e-4)
 
@@ -98,3 +107,26 @@ def test_degenerate_inputs_give_no_nan(backend):
         assert torch.isfinite(same.state_dict[name]).all(), name
         torch.testing.assert_close(same.state_dict[name], special[name], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(unchanged.state_dict[name], base[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.parametrize("num_specialists", [2, 3])
+def test_ops_routed_across_backends_match_reference(monkeypatch, num_specialists):
+    """auto on a GPU mixes backends op by op (backends._AUTO_ROUTES); here the same mixing of
+    triton and torch, which the interpreter can run on CPU, against the reference."""
+    from r2m_fast import engine
+    from r2m_fast.backends import RoutedBackend
+
+    device = _device_for("triton")
+    routes = RoutedBackend((
+        ("gram_sketch", "triton"), ("residual_matmul", "triton"), ("residual_matmul_T", "torch"),
+        ("orthonormalize", "torch"), ("accumulate", "triton"),
+    ))
+    monkeypatch.setattr(engine, "resolve_backend", lambda requested, device: routes)
+    models = [{k: v.to(device) for k, v in m.items()} for m in gapped_family(num_specialists, 83, 61, seed=5)]
+    config = R2MConfig(rank_ratio=0.2, out_dtype=torch.float64)
+    ref = r2m_merge(models[0], models[1:], config)
+    fast = r2m_fast.merge(models[0], models[1:], config)
+    assert fast.report["backend"] == routes.name
+    assert delta_error(fast, ref, models[0], "w") < 2e-4
+    assert fast.report["residual_norms"] == pytest.approx(ref.report["residual_norms"], rel=1e-4)

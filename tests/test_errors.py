@@ -133,15 +133,62 @@ def test_backend_environment_override(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")).name == "torch"
 
 
-def test_auto_on_cuda_tensors_never_picks_the_unmeasured_cuda_extension(monkeypatch):
-    """auto follows GPU measurements; the CUDA extension has none yet, so it is opt-in only."""
+def test_auto_on_cuda_tensors_routes_each_op_to_its_measured_fastest_available_backend(monkeypatch):
+    """auto follows the GPU suite per op (backends._AUTO_ROUTES), skipping backends that cannot run."""
     from r2m_fast import backends
 
     monkeypatch.delenv("R2M_BACKEND", raising=False)
     monkeypatch.setattr(backends, "_logged_fallbacks", set())
-    monkeypatch.setitem(backends.BACKENDS, "cuda", backends.Backend("cuda", "r2m_fast.cuda_ops", lambda device: None))
-    monkeypatch.setitem(backends.BACKENDS, "triton", backends.Backend("triton", "r2m_fast.kernels", lambda device: None))
-    assert resolve_backend("auto", torch.device("cuda")).name == "triton"
-    assert resolve_backend("cuda", torch.device("cuda")).name == "cuda"
-    monkeypatch.setitem(backends.BACKENDS, "triton", backends.Backend("triton", "r2m_fast.kernels", lambda device: "no"))
-    assert resolve_backend("auto", torch.device("cuda")).name == "torch"
+
+    def available(**names: bool) -> None:
+        for name, ok in names.items():
+            reason = (lambda device: None) if ok else (lambda device: "not here")
+            monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(name, f"r2m_fast.{name}", reason))
+
+    cuda = torch.device("cuda")
+    available(cuda=True, triton=True)
+    chosen = resolve_backend("auto", cuda)
+    assert dict(chosen.routes) == {
+        "gram_sketch": "cuda", "residual_matmul": "triton", "residual_matmul_T": "torch",
+        "orthonormalize": "torch", "accumulate": "cuda",
+    }
+    assert chosen.name == (
+        "auto(gram_sketch=cuda, residual_matmul=triton, residual_matmul_T=torch, orthonormalize=torch, accumulate=cuda)"
+    )
+    available(cuda=False, triton=True)
+    assert dict(resolve_backend("auto", cuda).routes) == {
+        "gram_sketch": "triton", "residual_matmul": "triton", "residual_matmul_T": "torch",
+        "orthonormalize": "torch", "accumulate": "torch",
+    }
+    available(cuda=False, triton=False)
+    assert resolve_backend("auto", cuda).name == "torch"  # one backend for everything: the plain one
+    assert resolve_backend("torch", cuda).name == "torch"
+
+
+def test_routed_ops_call_the_routed_module_and_split_residual_matmul_by_transpose():
+    from types import SimpleNamespace
+
+    from r2m_fast.backends import RoutedOps
+
+    calls = []
+
+    def module(tag):
+        def record(op):
+            return lambda *args: calls.append((tag, op, args)) or tag
+
+        return SimpleNamespace(**{op: record(op) for op in ("gram_sketch", "residual_matmul", "orthonormalize", "accumulate")})
+
+    ops = RoutedOps({
+        "gram_sketch": module("g"), "residual_matmul": module("p"), "residual_matmul_T": module("t"),
+        "orthonormalize": module("o"), "accumulate": module("a"),
+    })
+    assert ops.gram_sketch("w", "omega") == "g"
+    assert ops.residual_matmul("w", "c", "rhs", False) == "p"
+    assert ops.residual_matmul("w", "c", "rhs", True) == "t"
+    assert ops.orthonormalize("y") == "o"
+    assert ops.accumulate("w", "a", "l", "r", "dt") == "a"
+    assert calls == [
+        ("g", "gram_sketch", ("w", "omega")), ("p", "residual_matmul", ("w", "c", "rhs", False)),
+        ("t", "residual_matmul", ("w", "c", "rhs", True)), ("o", "orthonormalize", ("y", 3)),
+        ("a", "accumulate", ("w", "a", "l", "r", "dt")),
+    ]
