@@ -39,22 +39,22 @@ summary "build done at $(elapsed); $(grep -ciE '\berror\b' "$LOGS/build.log") bu
 python3 -m r2m_fast.cuda_ops 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
 
 # 2. correctness, in parallel
-PYTEST="python3 -m pytest -q -p no:cacheprovider --timeout 120"
-( export CUDA_LAUNCH_BLOCKING=1 R2M_CUDA_SYNC=1
-  timeout 150 $PYTEST tests/test_cuda_ext.py -k "gram" > "$LOGS/cuda_gram.log" 2>&1; echo $? > "$LOGS/cuda_gram.rc" ) &
-( export CUDA_LAUNCH_BLOCKING=1 R2M_CUDA_SYNC=1
-  timeout 150 $PYTEST tests/test_cuda_ext.py -k "not gram" > "$LOGS/cuda_rest.log" 2>&1; echo $? > "$LOGS/cuda_rest.rc" ) &
-( timeout 150 $PYTEST -n 6 tests --ignore=tests/test_cuda_ext.py --ignore=tests/test_detector_smoke.py -k "not slow" \
-    > "$LOGS/pytest.log" 2>&1; echo $? > "$LOGS/pytest.rc" ) &
+# job NAME CMD...: CMD in the background, at most 150 s; its output in $LOGS/NAME.log, its status in NAME.rc.
+job() { local name=$1; shift; ( timeout 150 "$@" > "$LOGS/$name.log" 2>&1; echo $? > "$LOGS/$name.rc" ) & }
+PYTEST=(python3 -m pytest -q -p no:cacheprovider --timeout 120)
+SYNCED=(env CUDA_LAUNCH_BLOCKING=1 R2M_CUDA_SYNC=1)  # each launch synchronized: a fault names its kernel
+job cuda_gram "${SYNCED[@]}" "${PYTEST[@]}" tests/test_cuda_ext.py -k "gram"
+job cuda_rest "${SYNCED[@]}" "${PYTEST[@]}" tests/test_cuda_ext.py -k "not gram"
+job pytest "${PYTEST[@]}" -n 6 tests --ignore=tests/test_cuda_ext.py --ignore=tests/test_detector_smoke.py -k "not slow"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 # SANITIZE=0 skips the sanitizer runs (about 2 minutes of GPU time) when csrc/ is unchanged since the last.
-[ "${SANITIZE:-1}" = 1 ] && ( timeout 150 "$SAN" --tool memcheck --print-limit 20 python3 benchmarks/cuda_sanitize_probe.py \
-    > "$LOGS/memcheck.log" 2>&1; echo $? > "$LOGS/memcheck.rc" ) &
-[ "${SANITIZE:-1}" = 1 ] && ( timeout 150 "$SAN" --tool racecheck --print-limit 20 python3 benchmarks/cuda_sanitize_probe.py --small \
-    > "$LOGS/racecheck.log" 2>&1; echo $? > "$LOGS/racecheck.rc" ) &
+if [ "${SANITIZE:-1}" = 1 ]; then
+  job memcheck "$SAN" --tool memcheck --print-limit 20 python3 benchmarks/cuda_sanitize_probe.py
+  job racecheck "$SAN" --tool racecheck --print-limit 20 python3 benchmarks/cuda_sanitize_probe.py --small
+fi
 wait
 for t in cuda_gram cuda_rest pytest memcheck racecheck; do
-  summary "$t: rc=$(cat "$LOGS/$t.rc" 2>/dev/null || echo none): $(grep -E 'passed|failed|ERROR SUMMARY|probe done' "$LOGS/$t.log" | tail -2 | tr '\n' ' ')"
+  summary "$t: rc=$(cat "$LOGS/$t.rc" 2>/dev/null || echo none): $(grep -sE 'passed|failed|ERROR SUMMARY|probe done' "$LOGS/$t.log" | tail -2 | tr '\n' ' ')"
 done
 grep -hE "^(FAILED|ERROR) " "$LOGS"/cuda_*.log "$LOGS/pytest.log" | head -25 | tee -a "$OUT/summary.txt"
 grep -hE "^=+ " "$LOGS/memcheck.log" "$LOGS/racecheck.log" 2>/dev/null \
