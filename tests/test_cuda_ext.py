@@ -21,7 +21,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from helpers import DTYPE_IDS, TOLERANCES, assert_close_verbose, layer_family
+from helpers import DTYPE_IDS, assert_close_verbose, layer_family
+from tolerances import TOLERANCES
 from r2m_fast import cuda_ops, ops_torch
 
 SHAPES = [(33, 47), (65, 129), (1, 40), (1000, 3), (257, 1031)]

@@ -17,7 +17,8 @@ import textwrap
 import pytest
 import torch
 
-from helpers import DTYPE_IDS, TOLERANCES, assert_close_verbose, layer_family, test_devices
+from helpers import DTYPE_IDS, assert_close_verbose, layer_family, test_devices
+from tolerances import TOLERANCES
 from r2m_fast import ops_torch
 
 triton = pytest.importorskip("triton", reason="triton does not import: the Triton backend cannot run")
