@@ -28,3 +28,7 @@ ORTHONORMAL_FP32 = 1e-5
 SCALE_INVARIANCE_FP32 = 1e-5
 # ‖y − QQᵀy‖ / ‖y‖ for a rank-deficient y: the shifted Cholesky leaves ~sqrt(1e-6) of a direction.
 SPAN_FP32 = 1e-4
+
+# --- Baselines (tests/test_baselines.py) --------------------------------------------------------
+# TSV-M in fp64 where every triplet is kept: the merge is exact up to fp64 SVD rounding.
+TSVM_EXACT_FP64 = 1e-12
