@@ -38,12 +38,15 @@ def _nvcc_present() -> bool:
 
 # ------------------------------------------------------------------------------------ no GPU needed
 def test_extension_built_and_imports():
-    if os.environ.get("R2M_BUILD_CUDA") == "0":
+    """setup.py builds the extension when R2M_BUILD_CUDA=1 (CI: scripts/test.sh), or by default where
+    nvcc and a GPU are both present; in those cases it must import."""
+    mode = os.environ.get("R2M_BUILD_CUDA", "")
+    if mode == "0":
         pytest.skip("R2M_BUILD_CUDA=0: the CUDA extension build was skipped on purpose")
-    if not _nvcc_present():
-        pytest.skip("nvcc not found (CUDA_HOME or PATH): the CUDA extension is not built here")
+    if mode != "1" and not (_nvcc_present() and torch.cuda.is_available()):
+        pytest.skip("built by default only where nvcc and a GPU are both present (R2M_BUILD_CUDA=1 forces it)")
     assert cuda_ops.cuda_extension_available(), (
-        f"nvcc is on this machine, so setup.py must have built r2m_fast._cuda, but it does not import: "
+        f"setup.py must have built r2m_fast._cuda here (R2M_BUILD_CUDA={mode!r}), but it does not import: "
         f"{cuda_ops.extension_import_error()!r}"
     )
     from r2m_fast import _cuda
