@@ -124,9 +124,10 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
     return q
 
 
-# A batch item whose largest squared column norm is below this is a zero sketch: its entries are
-# < 2^-50 ≈ 1e-15, so their products in the Gram are near or below fp32's subnormal range, where the
-# result would depend on whether the BLAS or GPU flushes subnormals (DESIGN §4). Its basis is 0.
+# A batch item whose largest squared column norm is below this counts as a zero sketch (entries
+# < 2⁻⁵⁰ ≈ 1e-15) and gets a zero basis. Closer to fp32's subnormal range (< 2⁻¹²⁶), the products a
+# flushing BLAS or GPU drops stop being negligible against the Gram itself, and the basis would
+# depend on the machine (DESIGN §4).
 ZERO_GRAM = 2.0**-100
 
 
@@ -137,7 +138,7 @@ def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
     into [1, 4): the shift δ and every pivot (≥ ~δ) are then normal fp32 numbers whatever the
     sketch's scale, so no step depends on how the BLAS treats subnormals (on an unscaled tiny
     Gram, 1e-6 · max diag was subnormal and a flushing BLAS saw a singular matrix). The scaling
-    is exact, and R⁻¹ = 2ᵉ · (R of the scaled Gram)⁻¹.
+    is exact: with R_s the factor of the scaled Gram, R = 2ᵉ·R_s and R⁻¹ = R_s⁻¹ / 2ᵉ.
     """
     s = gram.shape[-1]
     eye = torch.eye(s, dtype=gram.dtype, device=gram.device)
