@@ -8,8 +8,12 @@ C++ ABI, so it works with whatever torch is installed — and linked against the
 Environment:
 
 * ``R2M_BUILD_CUDA``: ``0`` skips the extension; ``1`` forces it and fails loudly when nvcc (or
-  pybind11) is missing; unset builds it when nvcc is found (``$CUDA_HOME/bin/nvcc``,
-  ``$CUDA_PATH/bin/nvcc`` or ``nvcc`` on PATH) and otherwise prints one line saying it skipped.
+  pybind11) is missing; unset builds it only where a GPU could use it — nvcc is found
+  (``$CUDA_HOME/bin/nvcc``, ``$CUDA_PATH/bin/nvcc`` or ``nvcc`` on PATH) *and* an NVIDIA GPU is
+  visible (``nvidia-smi -L`` lists one, or without nvidia-smi ``/dev/nvidia0`` exists) — and
+  otherwise prints one line saying why it skipped. The build takes minutes: a machine with the
+  toolkit but no GPU (a CI runner, a login node) should not pay for a module it cannot run.
+  Build machines for GPU wheels set ``R2M_BUILD_CUDA=1``.
 * ``R2M_CUDA_ARCHS``: architectures, separated by ``;``, ``,`` or spaces. ``90a`` (or ``sm_90a``)
   embeds SASS, ``compute_80`` embeds PTX only, ``80+PTX`` both. Default ``90a;compute_80``: Hopper
   SASS plus portable PTX that the driver JIT-compiles on any sm_80+ GPU.
@@ -41,6 +45,31 @@ DEFAULT_CUDA_ARCHS = "90a;compute_80"
 
 def _log(msg: str) -> None:
     print(f"r2m_fast setup: {msg}", flush=True)
+
+
+def _announce(msg: str) -> None:
+    """_log, and the same line on the terminal: pip hides a build's output unless -v, and a
+    silent multi-minute compile looks like a hang."""
+    _log(msg)
+    if sys.stdout.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"r2m_fast setup: {msg}\n")
+    except OSError:  # no controlling terminal (CI, containers): the log line is all there is
+        pass
+
+
+def _gpu_visible() -> bool:
+    """An NVIDIA GPU on this machine: `nvidia-smi -L` lists one (without nvidia-smi, /dev/nvidia0)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return Path("/dev/nvidia0").exists()
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(line.startswith("GPU ") for line in out.splitlines())
 
 
 def _find_nvcc() -> str | None:
@@ -116,6 +145,8 @@ class BuildExtWithCUDA(build_ext):
                 raise RuntimeError(f"R2M_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
             _log(f"skipping the CUDA extension {ext.name}: {why}")
             return
+        _announce(f"building the CUDA extension {ext.name} with {nvcc} (a few minutes; "
+                  "R2M_BUILD_CUDA=0 skips it, pip install -v shows the compiler's progress)")
         try:
             self._build_cuda(ext, nvcc, pybind_inc)
         except Exception as exc:
@@ -188,9 +219,20 @@ def _ninja_escape(path: str) -> str:
 
 
 def _ext_modules() -> list[Extension]:
-    if os.environ.get("R2M_BUILD_CUDA", "").strip() == "0":
+    mode = os.environ.get("R2M_BUILD_CUDA", "").strip()
+    if mode == "0":
         _log("R2M_BUILD_CUDA=0: skipping the CUDA extension")
         return []
+    # Decided here, not in build_ext: an extension dropped from the list leaves no missing file for
+    # an editable or --inplace install to trip over.
+    if mode != "1":
+        if _find_nvcc() is None:
+            _log("skipping the CUDA extension: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+            return []
+        if not _gpu_visible():
+            _log("skipping the CUDA extension: no NVIDIA GPU visible (nvidia-smi -L, /dev/nvidia0); "
+                 "R2M_BUILD_CUDA=1 builds it anyway")
+            return []
     srcs = ["csrc/gram_sketch.cu", "csrc/accumulate.cu", "csrc/bindings.cpp"]
     return [CUDAExtension(CUDA_EXT_NAME, sources=srcs)]
 
@@ -204,7 +246,9 @@ setup(
     package_dir={"r2m_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # mergekit: the baselines' parity test (tests/test_baselines.py) runs against this release;
+        # transformers/peft: Hugging Face folders and LoRA adapters. All install beside the CPU torch.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "mergekit==0.1.5", "transformers>=5", "peft"],
         "triton": ["triton>=3.0"],
         "cuda": ["pybind11>=2.10", "ninja"],
     },

@@ -26,7 +26,6 @@ import torch
 logger = logging.getLogger("r2m_fast")
 
 BACKEND_ENV = "R2M_BACKEND"
-OPS = ("gram_sketch", "residual_matmul", "orthonormalize", "accumulate")
 
 
 class BackendUnavailable(RuntimeError):

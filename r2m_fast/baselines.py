@@ -8,7 +8,8 @@ hands it to the sink before reading the next: the memory bound and the writer ar
     ties             θ* = θ₀ + λ · disjoint_mean(sign_elect(trim_k(τᵢ)))  (Yadav et al. 2023, mergekit's
                      "ties": per task keep the top ⌊density·P⌋ entries of |τᵢ|; elected sign = sign of
                      the sum of the trimmed τᵢ (≥ 0 → +); mean over the tasks that agree with it)
-    tsvm             TSV-M (Gargiulo et al., CVPR 2025): per 2-D weight, each task keeps its top
+    tsvm             TSV-M (Gargiulo et al., CVPR 2025): per weight matrix (a conv kernel
+                     (out, in, kh, kw) as the (out, in·kh·kw) matrix, as R²M), each task keeps its top
                      ⌊min(m, n)/N⌋ singular triplets; the concatenated U and V are orthogonalized
                      by their polar factors (U⊥ = P Qᵀ from the SVD U = P S Qᵀ), merged τ = U⊥ Σ V⊥ᵀ;
                      θ* = θ₀ + α τ. Other tensors (and matrices with min(m, n) < N) average τ.
@@ -27,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from r2m_fast.config import R2MConfig
-from r2m_fast.plan import check_finite
+from r2m_fast.plan import check_finite, matrix_view
 from r2m_fast.result import MergeResult
 
 Sink = Callable[[str, torch.Tensor], None]
@@ -145,7 +146,11 @@ def tsvm_tau(taus: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tsvm(base: torch.Tensor, taus: torch.Tensor, options: TsvmOptions) -> torch.Tensor:
-    tau = tsvm_tau(taus) if taus.dim() == 3 else taus.mean(0)
+    if taus.dim() < 3:  # 0-D and 1-D tensors have no singular vectors: average
+        return base + options.scaling * taus.mean(0)
+    # A conv kernel (out, in, kh, kw) is the (out, in·kh·kw) matrix R²M truncates (plan.matrix_view).
+    m, n = matrix_view(tuple(base.shape))
+    tau = tsvm_tau(taus.reshape(taus.shape[0], m, n)).reshape(base.shape)
     return base + options.scaling * tau
 
 

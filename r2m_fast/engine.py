@@ -337,10 +337,19 @@ def factor_pass(
             else:
                 matmuls.append(functools.partial(_residual_matmul, ops, weights, w))
             coeffs.append(w)
-        results = factorize_residuals(
-            ops, matmuls, coeffs, [state.sketches[layer.name] for layer in batch],
-            batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
-        )
+        try:
+            results = factorize_residuals(
+                ops, matmuls, coeffs, [state.sketches[layer.name] for layer in batch],
+                batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
+            )
+        except torch.linalg.LinAlgError as exc:
+            # Finite inputs always factor (orthonormalize scales and shifts every Gram); what is left
+            # is an overflow in fp32 products of huge task vectors. Name the layer, not LAPACK.
+            names = ", ".join(repr(layer.name) for layer in batch)
+            raise MergeInputError(
+                f"tensor {names}: its residuals could not be factored in fp32 (the range finder's "
+                "Gram overflowed or became non-finite); check that tensor's task vectors"
+            ) from exc
         factors.update((layer.name, result) for layer, result in zip(batch, results))
         for layer in batch:
             del state.sketches[layer.name]  # only the range finder's start: free it (memory or disk) now
@@ -401,6 +410,8 @@ def accumulate_pass(
 ) -> None:
     """Pass 3: every output tensor, written once."""
     N = scales.shape[0]
+    # No residual term at all (e.g. every specialist equals the base): no zero L·Rᵀ to add.
+    has_residual = bool(scales.any())
     for layer in _progress(state.plan, "pass 3/3: merged weights", progress):
         tensors = source.load(layer.name)
         if layer.kind == COPY:
@@ -412,15 +423,21 @@ def accumulate_pass(
             coeffs = torch.full((N,), 1.0 / N, dtype=torch.float64)
         elif layer.name in factors:
             coeffs = real.coeffs[layer.name]
-            f = factors[layer.name]
-            scaled = f.left * scales.to(f.left)[:, None, None]
-            left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
-            right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
+            if has_residual:
+                f = factors[layer.name]
+                scaled = f.left * scales.to(f.left)[:, None, None]
+                left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
+                right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
         else:
             # Untruncated: τ_core + Σᵢ sᵢ (τᵢ − τ_core) is a plain combination, aⱼ = wⱼ + sⱼ − wⱼ Σᵢ sᵢ.
             w = real.coeffs[layer.name]
             coeffs = w + scales - w * scales.sum()
         out_dtype = config.out_dtype or layer.dtype
+        if left is None and not bool(coeffs.any()):
+            # θ* = θ₀ exactly (e.g. every specialist equals the base): the base itself, bit for bit,
+            # whichever backend; a kernel's θ₀ + 0 would turn its -0.0 entries into +0.0.
+            sink(layer.name, tensors[0].to(out_dtype, copy=True))
+            continue
         merged = ops.accumulate(
             _matrices(tensors, layer), coeffs.to(device=source.device, dtype=torch.float32), left, right, out_dtype
         )

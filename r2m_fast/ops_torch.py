@@ -113,7 +113,9 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
             the sketch's subspace stably: the final basis gets 3.
 
     Returns:
-        (B, m, s) fp32 with orthonormal columns wherever y has full column rank.
+        (B, m, s) fp32 with orthonormal columns wherever y has full column rank; a rank-deficient
+        y gives small columns, a zero one (max squared column norm < ZERO_GRAM) a zero basis,
+        never NaN, with or without subnormals flushed.
     """
     q = y.float()
     for _ in range(steps):
@@ -122,14 +124,33 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
     return q
 
 
+# A batch item whose largest squared column norm is below this counts as a zero sketch (entries
+# < 2⁻⁵⁰ ≈ 1e-15) and gets a zero basis. Closer to fp32's subnormal range (< 2⁻¹²⁶), the products a
+# flushing BLAS or GPU drops stop being negligible against the Gram itself, and the basis would
+# depend on the machine (DESIGN §4).
+ZERO_GRAM = 2.0**-100
+
+
 def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
-    """R⁻¹ with Rᵀ R = gram + δ·I, δ = 1e-6 · max diag (floored so an all-zero batch item stays 0)."""
+    """R⁻¹ with Rᵀ R = gram + δ·I, δ = 1e-6 · max diag; 0 for an item whose max diag < ZERO_GRAM.
+
+    The Cholesky runs on the Gram scaled by a power of two 4ᵉ that brings its largest diagonal
+    into [1, 4): the shift δ and every pivot (≥ ~δ) are then normal fp32 numbers whatever the
+    sketch's scale, so no step depends on how the BLAS treats subnormals (on an unscaled tiny
+    Gram, 1e-6 · max diag was subnormal and a flushing BLAS saw a singular matrix). The scaling
+    is exact: with R_s the factor of the scaled Gram, R = 2ᵉ·R_s and R⁻¹ = R_s⁻¹ / 2ᵉ.
+    """
     s = gram.shape[-1]
     eye = torch.eye(s, dtype=gram.dtype, device=gram.device)
-    # The floor keeps R⁻¹ representable in fp32 for an all-zero sketch (R⁻¹·0 = 0, not inf·0 = NaN).
-    top = torch.diagonal(gram, dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
-    r = torch.linalg.cholesky(gram + (1e-6 * top)[:, None, None] * eye, upper=True)
-    return torch.linalg.solve_triangular(r, eye.expand_as(r), upper=True)
+    top = torch.diagonal(gram, dim1=-2, dim2=-1).amax(-1)
+    zero = top < ZERO_GRAM  # a NaN/Inf Gram is not "zero": the Cholesky below refuses it
+    half_exp = torch.floor(torch.log2(torch.where(zero, 1.0, top)) / 2)
+    root = torch.exp2(half_exp)[:, None, None]  # 2ᵉ, exact
+    scaled = torch.where(zero[:, None, None], eye, gram / (root * root))
+    top_scaled = torch.diagonal(scaled, dim1=-2, dim2=-1).amax(-1)
+    r = torch.linalg.cholesky(scaled + (1e-6 * top_scaled)[:, None, None] * eye, upper=True)
+    r_inv = torch.linalg.solve_triangular(r, eye.expand_as(r), upper=True)
+    return torch.where(zero[:, None, None], 0.0, r_inv / root)
 
 
 def accumulate(

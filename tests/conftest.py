@@ -1,4 +1,3 @@
-import os
 import random
 
 import numpy as np
@@ -9,16 +8,12 @@ from safetensors.torch import save_file
 from models import model_family
 
 # Triton's @jit reads TRITON_INTERPRET when kernels are decorated, so a run that wants the
-# interpreter must set it in the environment before pytest starts (see .ci/run); nothing here
-# changes it. Collapse autotuning to one config under the interpreter (every config would run).
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    os.environ.setdefault("R2M_TRITON_SKIP_AUTOTUNE", "1")
+# interpreter must set it in the environment before pytest starts (see scripts/test.sh).
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton_interpreter: Triton kernel test that also runs under TRITON_INTERPRET=1 on CPU")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
-    config.addinivalue_line("markers", "slow: longer test, skipped with -m 'not slow'")
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Shared test helpers: devices, per-dtype tolerances, realistic synthetic weights."""
+"""Shared test helpers: devices, a verbose assert_close, realistic synthetic weights."""
 
 from __future__ import annotations
 
@@ -6,15 +6,6 @@ import os
 from typing import Optional
 
 import torch
-
-# (atol, rtol) per input dtype for results computed in fp32 from inputs of that dtype. Outputs of
-# reductions (Grams, sketches, products) scale atol by sqrt(reduction length): see assert_close_verbose.
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 1e-3),
-    torch.bfloat16: (8e-3, 8e-3),
-}
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 

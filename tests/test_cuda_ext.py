@@ -21,7 +21,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from helpers import DTYPE_IDS, TOLERANCES, assert_close_verbose, layer_family
+from helpers import DTYPE_IDS, assert_close_verbose, layer_family
+from tolerances import LRT_RELATIVE_FP32, STREAM_GRAM, STREAM_SKETCH, TOLERANCES
 from r2m_fast import cuda_ops, ops_torch
 
 SHAPES = [(33, 47), (65, 129), (1, 40), (1000, 3), (257, 1031)]
@@ -37,12 +38,15 @@ def _nvcc_present() -> bool:
 
 # ------------------------------------------------------------------------------------ no GPU needed
 def test_extension_built_and_imports():
-    if os.environ.get("R2M_BUILD_CUDA") == "0":
+    """setup.py builds the extension when R2M_BUILD_CUDA=1 (CI: scripts/test.sh), or by default where
+    nvcc and a GPU are both present; in those cases it must import."""
+    mode = os.environ.get("R2M_BUILD_CUDA", "")
+    if mode == "0":
         pytest.skip("R2M_BUILD_CUDA=0: the CUDA extension build was skipped on purpose")
-    if not _nvcc_present():
-        pytest.skip("nvcc not found (CUDA_HOME or PATH): the CUDA extension is not built here")
+    if mode != "1" and not (_nvcc_present() and torch.cuda.is_available()):
+        pytest.skip("built by default only where nvcc and a GPU are both present (R2M_BUILD_CUDA=1 forces it)")
     assert cuda_ops.cuda_extension_available(), (
-        f"nvcc is on this machine, so setup.py must have built r2m_fast._cuda, but it does not import: "
+        f"setup.py must have built r2m_fast._cuda here (R2M_BUILD_CUDA={mode!r}), but it does not import: "
         f"{cuda_ops.extension_import_error()!r}"
     )
     from r2m_fast import _cuda
@@ -409,7 +413,7 @@ def test_accumulate_product_is_fp32_accurate(cuda, monkeypatch, mma):
     out = cuda.accumulate(zeros, torch.tensor([0.5, 0.5]), left, right, torch.float32)
     exact = left.double() @ right.double().T
     err = ((out.double() - exact).norm() / exact.norm()).item()
-    assert err < 1e-5, f"relative error of L Rᵀ {err:.3g}"
+    assert err < LRT_RELATIVE_FP32, f"relative error of L Rᵀ {err:.3g}"
 
 
 @gpu
@@ -421,7 +425,8 @@ def test_fp64_output_and_fp64_weights(cuda):
     out = cuda.accumulate(weights, torch.tensor([0.4, 0.6]), left, right, torch.float64)
     ref = ops_torch.accumulate(weights, torch.tensor([0.4, 0.6]), left, right, torch.float64)
     assert out.dtype == torch.float64
-    assert_close_verbose(out, ref, 1e-5 * ref.abs().max().item(), 1e-5, "accumulate fp64", reduce_dim=6)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close_verbose(out, ref, atol * ref.abs().max().item(), rtol, "accumulate fp64", reduce_dim=6)
     wide = [w.double() for w in weights]
     with pytest.warns(RuntimeWarning, match="falling back"):
         gram, _ = cuda.gram_sketch(wide, None)
@@ -442,6 +447,6 @@ def test_kernels_run_on_the_current_stream(cuda):
         out = cuda.accumulate(weights, torch.tensor([0.2, 0.3, 0.5]), None, None, torch.bfloat16)
     torch.cuda.current_stream().wait_stream(stream)
     ref_gram, ref_sketch = ops_torch.gram_sketch(weights, omega)
-    assert torch.allclose(gram, ref_gram, rtol=1e-4, atol=0)
-    assert torch.allclose(sketch, ref_sketch, rtol=1e-3, atol=1e-3 * ref_sketch.abs().max().item())
+    assert torch.allclose(gram, ref_gram, rtol=STREAM_GRAM[1], atol=STREAM_GRAM[0])
+    assert torch.allclose(sketch, ref_sketch, rtol=STREAM_SKETCH[1], atol=STREAM_SKETCH[0] * ref_sketch.abs().max().item())
     assert out.shape == weights[0].shape

@@ -338,15 +338,32 @@ def test_unreadable_and_unknown(tmp_path, family):
         open_checkpoint(write_safetensors(tmp_path / "p", family[:1])[0], prefix="backbone.")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_permission_denied(tmp_path, family):
+@pytest.mark.parametrize("denied_by", ["access", "open"])
+def test_permission_denied(tmp_path, family, monkeypatch, denied_by):
+    """An unreadable input is one line naming it, whether the mode check says so or only the open
+    fails (ACLs, SELinux, NFS). Simulated, so the test also runs (and can fail) as root, which reads
+    any file whatever its mode."""
+    import builtins
+
+    import r2m_fast.io as io_module
+
     paths = write_safetensors(tmp_path / "in", family)
-    paths[1].chmod(0)
-    try:
-        with pytest.raises(MergeInputError, match=r"m1\.safetensors: (permission denied|cannot read)"):
-            open_checkpoint(paths[1])
-    finally:
-        paths[1].chmod(0o644)
+    denied = paths[1]
+    if denied_by == "access":
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == denied else real_access(p, mode, **kw))
+    else:
+        def fake_open(file, *args, **kwargs):
+            if Path(file) == denied:
+                raise PermissionError(13, "Permission denied", str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(io_module, "open", fake_open, raising=False)
+    with pytest.raises(MergeInputError, match=r"m1\.safetensors: (permission denied|cannot read: Permission denied)"):
+        open_checkpoint(denied)
+    with pytest.raises(MergeInputError, match=r"m1\.safetensors: (permission denied|cannot read: Permission denied)"):
+        r2m_fast.merge_files(paths[0], paths[1:], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_sigterm_during_merge_files_leaves_nothing(tmp_path, family):

@@ -11,6 +11,7 @@ from models import model_family
 from r2m_fast import R2MConfig
 from r2m_fast.plan import DECOMPOSED, build_plan
 from r2m_fast.reference import r2m_merge
+from tolerances import RANK_RTOL_FP64, REFERENCE_FP64, RELEASED_SCRIPT_FP64, SCALE_EQUIVARIANCE_FP64
 
 
 def deltas(result, base):
@@ -52,7 +53,7 @@ def test_real_component_is_the_stacked_svd_projection(k_real, center, block_norm
     got = deltas(r2m_merge(models[0], models[1:], config), models[0])
     want = stacked_projection(models, config)
     for name, core in want.items():
-        torch.testing.assert_close(got[name], core, rtol=1e-9, atol=1e-15, msg=name)
+        torch.testing.assert_close(got[name], core, rtol=REFERENCE_FP64[1], atol=REFERENCE_FP64[0], msg=name)
 
 
 def test_full_rank_real_subspace_gives_the_mean_task_vector():
@@ -60,7 +61,7 @@ def test_full_rank_real_subspace_gives_the_mean_task_vector():
     got = deltas(r2m_merge(models[0], models[1:], R2MConfig(k_real=3, alpha=0.0)), models[0])
     for name, delta in got.items():
         mean = torch.stack([s[name].double() - models[0][name].double() for s in models[1:]]).mean(0)
-        torch.testing.assert_close(delta, mean, rtol=1e-9, atol=1e-15, msg=name)
+        torch.testing.assert_close(delta, mean, rtol=REFERENCE_FP64[1], atol=REFERENCE_FP64[0], msg=name)
 
 
 def test_blend_interpolates_between_projection_and_mean():
@@ -69,7 +70,7 @@ def test_blend_interpolates_between_projection_and_mean():
     half = deltas(r2m_merge(models[0], models[1:], R2MConfig(alpha=0.0, real_blend_beta=0.5)), models[0])
     name = "blocks.0.attn.qkv.weight"
     mean = torch.stack([s[name] - models[0][name] for s in models[1:]]).mean(0)
-    torch.testing.assert_close(half[name], 0.5 * mean + 0.5 * proj[name], rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(half[name], 0.5 * mean + 0.5 * proj[name], rtol=REFERENCE_FP64[1], atol=REFERENCE_FP64[0])
 
 
 def released_script(models, alpha):
@@ -103,7 +104,7 @@ def test_script_options_reproduce_the_released_script():
     got = r2m_merge(models[0], models[1:], config).state_dict
     want = released_script(models, 0.6)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-14, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=RELEASED_SCRIPT_FP64[1], atol=RELEASED_SCRIPT_FP64[0], msg=name)
 
 
 @pytest.mark.parametrize("rank_ratio", [0.2, None])
@@ -118,7 +119,8 @@ def test_relative_scale_is_scale_invariant_and_kit_is_not(rank_ratio):
         core = deltas(r2m_merge(models[0], models[1:], config.replace(alpha=0.0)), models[0])
         for name in d1:
             expected = c * d1[name] if scale == "relative" else c * core[name] + c**2 * (d1[name] - core[name])
-            torch.testing.assert_close(dc[name], expected, rtol=1e-8, atol=1e-14, msg=f"{scale} {name}")
+            atol, rtol = SCALE_EQUIVARIANCE_FP64
+            torch.testing.assert_close(dc[name], expected, rtol=rtol, atol=atol, msg=f"{scale} {name}")
 
 
 def test_truncated_residuals_have_the_requested_rank():
@@ -129,4 +131,4 @@ def test_truncated_residuals_have_the_requested_rank():
     # fc1 is 97 × 24: r = ⌊0.1·24⌋ = 2 per residual, 3 residuals → rank ≤ 6.
     residual_sum = (merged["blocks.0.mlp.fc1.weight"] - core["blocks.0.mlp.fc1.weight"])
     s = torch.linalg.svdvals(residual_sum)
-    assert int((s > 1e-12 * s[0]).sum()) == 6
+    assert int((s > RANK_RTOL_FP64 * s[0]).sum()) == 6

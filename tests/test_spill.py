@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -264,24 +265,41 @@ def test_dry_run_counts_the_spill_as_disk(tmp_path, inputs, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "file", "read-only"])
-def test_bad_spill_dir_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, kind):
+@pytest.mark.parametrize("kind", ["missing", "file", "read-only", "mkdir-denied"])
+def test_bad_spill_dir_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, monkeypatch, kind):
+    """Unwritable folders are simulated (the mode check says no, or creating the temporary folder
+    raises PermissionError), so the test also runs as root, which writes anywhere whatever the mode."""
     bad = tmp_path / "bad"
+    expected = f"{bad}: spill folder"
     if kind == "file":
         bad.write_text("not a folder")
     elif kind == "read-only":
-        if os.geteuid() == 0:
-            pytest.skip("root writes to any folder whatever its mode")
-        bad.mkdir(mode=0o500)
+        bad.mkdir()
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == bad else real_access(p, mode, **kw))
+    elif kind == "mkdir-denied":
+        bad.mkdir()
+        real_mkdtemp = spill_module.tempfile.mkdtemp
+
+        def mkdtemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == bad:
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real_mkdtemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(spill_module.tempfile, "mkdtemp", mkdtemp)
+        expected = f"{bad}: cannot create a spill folder there: Permission denied"
     before = sorted(os.listdir(tmp_path))
+    before_bad = sorted(os.listdir(bad)) if bad.is_dir() else None
     assert main(flags(inputs, tmp_path / "out") + ["--spill-dir", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"r2m-merge: error: {bad}: spill folder"), err
+    assert err.startswith(f"r2m-merge: error: {expected}"), err
     assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary folder
-    with pytest.raises(MergeInputError, match=f"{bad}: spill folder"):
+    with pytest.raises(MergeInputError, match=re.escape(expected)):
         r2m_fast.merge_files(inputs[0], inputs[1:], tmp_path / "out", CONFIG, spill_dir=bad)
     assert sorted(os.listdir(tmp_path)) == before
+    if before_bad is not None:
+        assert sorted(os.listdir(bad)) == before_bad
 
 
 def test_save_state_refuses_spill_dir(tmp_path, inputs, capsys):

@@ -26,7 +26,8 @@ HEADLINE: dict[str, dict[str, Any]] = {
 }
 
 # Ablations that separate the method from its surroundings (reported apart, same seeds):
-# how the head is merged, and TSV-M given 4-D kernels (then it averages every conv, see as_matrices).
+# how the head is merged, and TSV-M given 4-D kernels (it averaged every conv until the package's
+# TSV-M learned to decompose conv kernels itself; since then this row equals TSV-M's).
 ABLATIONS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "r2m, head merged by R²M too": ("r2m", {}, True),
     "ties, head averaged": ("ties", {"density": 0.2, "scaling": 1.0, "head_prefix": "head."}, True),
@@ -41,8 +42,9 @@ TA_SWEEP = {"scaling": (0.3, 0.5, 1.0)}
 def as_matrices(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Conv kernels (out, in, kh, kw) as (out, in·kh·kw) matrices, every other tensor unchanged.
 
-    Why: the package's TSV-M decomposes 2-D tensors only and averages the rest, so on a CNN given
-    4-D kernels it would be plain weight averaging. R²M already treats a kernel as this matrix
+    Why: the package's TSV-M used to decompose 2-D tensors only and average the rest, so on a CNN
+    given 4-D kernels it was plain weight averaging (it now reshapes kernels itself, so the reshape
+    is kept only so that the reported results stay reproducible). R²M already treats a kernel as this matrix
     (DESIGN §1) and averaging, task arithmetic and TIES are elementwise, so the reshape changes no
     other method's result; it lets TSV-M be TSV-M on MobileNetV2.
     """
