@@ -354,6 +354,13 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     rate = ASSUMED_FLOPS["cuda" if device.type == "cuda" else "cpu"]
     seconds = max(read / ASSUMED_READ_BYTES_PER_S, flops / rate)
     spill = settings.get("spill_dir") if method == "r2m" else None
+    if settings.get("output") is not None:
+        needed = ShardedSafetensorsWriter(settings["output"], output_layout(specs, config.out_dtype),
+                                          shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE).needed_bytes()
+        parent = Path(settings["output"]).absolute().parent
+        free = free_bytes(parent)
+        print(f"output disk space: needs {format_bytes(needed)} in {parent}, "
+              f"{'unknown' if free is None else format_bytes(free)} free", file=out)
     print(f"estimated peak memory: {_fmt_bytes(largest + (0 if spill else resident))} "
           f"(largest layer of {N + 1} models with fp32 work copies {_fmt_bytes(largest)}"
           + (f", sketches and residual factors {_fmt_bytes(resident)}" if method == "r2m" and not spill else "")
@@ -365,13 +372,7 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     print(f"estimated time: {seconds:.1f} s (assuming {ASSUMED_READ_BYTES_PER_S / 1e9:.0f} GB/s reads and "
           f"{rate / 1e9:.0f} GFLOP/s on {device.type})", file=out)
     if settings.get("output") is not None:
-        writer = ShardedSafetensorsWriter(settings["output"], output_layout(specs, config.out_dtype),
-                                          shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE)
-        parent = Path(settings["output"]).absolute().parent
-        free = free_bytes(parent)
-        print(f"output disk space: needs {format_bytes(writer.needed_bytes())} in {parent}, "
-              f"{'unknown' if free is None else format_bytes(free)} free", file=out)
-        check_free_space(settings["output"], writer.needed_bytes())
+        check_free_space(settings["output"], needed)
 
 
 def summarize(result, out=None) -> None:

@@ -510,12 +510,13 @@ def test_cli_import_does_not_load_torch():
 
 
 def test_ctrl_c_while_torch_loads_exits_130_without_traceback(tmp_path, inputs):
-    # The console script's own two lines; SIGINT lands while main() imports torch (or later, in the merge).
-    code = ("import sys\nfrom r2m_fast.cli import main\nprint('ready', flush=True)\n"
+    # The console script's own two lines; torch is not loaded yet when main() starts, so SIGINT lands
+    # while main() imports it (or later, in the merge): both inside main's handler.
+    code = ("import sys\nfrom r2m_fast.cli import main\nprint('torch loaded:', 'torch' in sys.modules, flush=True)\n"
             f"sys.exit(main({[str(a) for a in flags(inputs, tmp_path / 'out')]!r}))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(**{io.SINK_DELAY_ENV: "0.5"}))
-    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == "torch loaded: False"
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
