@@ -39,8 +39,8 @@ from r2m_fast.config import R2MConfig
 from r2m_fast.plan import MergeInputError, check_compatible
 from r2m_fast.result import MergeResult
 from r2m_fast.safety import (
-    SIDE_FILES_BYTES, SIDE_FILES_BYTES_PER_TENSOR, OutputError, blocked_globals, check_device, check_free_space, known_safe_globals, make_temp_dir,
-    output_write_error, refused_pickle_message, remove_stale_temps,
+    SIDE_FILES_BYTES, SIDE_FILES_BYTES_PER_TENSOR, OutputError, blocked_globals, check_device, check_free_space,
+    known_safe_globals, make_temp_dir, output_write_error, refused_pickle_message, remove_stale_temps,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -654,7 +654,7 @@ class ShardedSafetensorsWriter:
         except OutputError:
             raise
         except OSError as exc:
-            raise output_write_error(self.output, exc) from None
+            raise output_write_error(self.output, exc) from exc
         return self
 
     def _failed(self, exc: OSError) -> OSError:
@@ -681,7 +681,7 @@ class ShardedSafetensorsWriter:
                 self._handle.write(_header_bytes(self.shards[shard]))
             write_tensor_data(self._handle, tensor)
         except OSError as exc:
-            raise self._failed(exc) from None
+            raise self._failed(exc) from exc
         self._pos += 1
         if self._delay:
             time.sleep(self._delay)
@@ -721,7 +721,7 @@ class ShardedSafetensorsWriter:
             for filename, text in self._texts.items():
                 (self.tmp / filename).write_text(text)
         except OSError as exc:
-            raise self._failed(exc) from None
+            raise self._failed(exc) from exc
         with _signals_deferred():
             self.check_target()
             trash = None
@@ -731,10 +731,11 @@ class ShardedSafetensorsWriter:
                     os.rename(self.output, trash / "old")
                 os.rename(self.tmp, self.output)
             except OSError as exc:
-                if trash is not None and (trash / "old").exists() and not self.output.exists():
-                    os.rename(trash / "old", self.output)  # put the replaced output back
+                if trash is not None:
+                    if (trash / "old").exists() and not self.output.exists():
+                        os.rename(trash / "old", self.output)  # put the replaced output back
                     shutil.rmtree(trash, ignore_errors=True)
-                raise self._failed(exc) from None
+                raise self._failed(exc) from exc
             self.tmp = None
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)

@@ -260,8 +260,12 @@ _UNSUPPORTED = re.compile(r"GLOBAL (\S+) was not an allowed global")
 def blocked_globals(file: Union[str, os.PathLike], exc: BaseException) -> list[str]:
     """The globals `file` needs beyond torch's weights-only allowlist: every one torch can list
     (zip checkpoints), else the one named in the error."""
+    import warnings
+
     try:
-        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
     except Exception:  # legacy (non-zip) files cannot be scanned
         found = []
     return found or list(dict.fromkeys(_UNSUPPORTED.findall(str(exc))))

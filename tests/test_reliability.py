@@ -470,6 +470,15 @@ def test_replaced_output_survives_a_failed_rename(tmp_path, inputs, monkeypatch)
     assert main(flags(inputs, out) + ["--force", "--seed", "3"]) == 1
     assert (out / "model.safetensors").read_bytes() == before and _leftovers(tmp_path) == []
 
+    def rename_old(src, dst):  # moving the old output aside fails
+        if Path(src) == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_old)
+    assert main(flags(inputs, out) + ["--force", "--seed", "3"]) == 1
+    assert (out / "model.safetensors").read_bytes() == before and _leftovers(tmp_path) == []
+
 
 def test_reference_is_an_attribute_after_import_r2m_fast():
     code = ("import sys, r2m_fast; assert 'torch' not in sys.modules; f = r2m_fast.reference.r2m_merge; "
