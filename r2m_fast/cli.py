@@ -79,7 +79,8 @@ def number(minimum: Optional[float] = None, maximum: Optional[float] = None, *, 
     return parse
 
 
-def _dtype_name(text: str) -> str:
+def dtype_arg(text: str) -> str:
+    """An argparse ``type=`` for --out-dtype: the name, checked by config.parse_dtype."""
     from r2m_fast.config import parse_dtype
 
     try:
@@ -89,7 +90,8 @@ def _dtype_name(text: str) -> str:
     return text
 
 
-def _size(text: str) -> str:
+def size_arg(text: str) -> str:
+    """An argparse ``type=`` for --shard-size: the text, checked by io.parse_size."""
     from r2m_fast.io import parse_size
 
     try:
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also save the merge state (Grams, sketches) in OUTPUT/r2m_state for `r2m-merge add/remove`")
     io.add_argument("--output", help="output folder (written atomically)")
     io.add_argument("--force", action="store_true", help="replace an existing output folder")
-    io.add_argument("--shard-size", type=_size, help="largest shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
+    io.add_argument("--shard-size", type=size_arg, help="largest shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
     io.add_argument("--prefix", help="merge only tensors named PREFIX* and strip PREFIX (e.g. 'backbone.')")
     io.add_argument("--example", metavar="DIR",
                     help="build a small synthetic ViT and 3 specialists under DIR, merge them, print the report")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     e.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
     e.add_argument("--threads", type=number(1, integer=True), help="CPU threads for torch (torch.set_num_threads)")
-    e.add_argument("--out-dtype", type=_dtype_name, help="dtype of merged floating tensors (default: each base tensor's)")
+    e.add_argument("--out-dtype", type=dtype_arg, help="dtype of merged floating tensors (default: each base tensor's)")
     e.add_argument("--spill-dir", metavar="DIR",
                    help="keep R²M's sketches and residual factors between passes in a temporary folder inside "
                    "DIR (an existing folder) instead of memory: memory no longer grows with the model; same result")
@@ -240,13 +242,16 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
                        ("allow_safe_globals", args.allow_safe_globals)):
         if value is not None:
             run[key] = value
+    from_flags = set()
     for key in CONFIG_FLAGS:
         # --rank-ratio none means None, so that flag is "absent" by default rather than None.
         if key == "rank_ratio":
             if hasattr(args, key):
                 data[key] = args.rank_ratio
+                from_flags.add(key)
         elif getattr(args, key) is not None:
             data[key] = getattr(args, key)
+            from_flags.add(key)
     if isinstance(data.get("exclude"), list):
         data["exclude"] = tuple(data["exclude"])
     if "base" not in run:
@@ -258,7 +263,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError("no output folder: give --output DIR or 'output:' in the config")
     try:
         config = R2MConfig(**data)
-    except (ValueError, TypeError) as exc:  # flags were checked by argparse: this is a YAML value
+    except (ValueError, TypeError) as exc:  # R2MConfig's messages start with the field's name
+        field, _, rest = str(exc).partition(": ")
+        if field in from_flags:
+            raise CommandError(f"argument --{field.replace('_', '-')}: {rest}") from None
         raise CommandError(f"{where}{exc}") from None
     method = run.get("method", "r2m")
     if method == "r2m" and options:

@@ -353,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = cli.build_parser()
     parser.prog = "torchrun --nproc-per-node N -m r2m_fast.distributed"
-    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    parser.add_argument("--dist-timeout", type=cli.number(0, open_minimum=True), default=DEFAULT_TIMEOUT_S,
                         help=f"seconds a rank waits for the others before failing ({DEFAULT_TIMEOUT_S})")
     args = parser.parse_args(argv)
     prog = "r2m_fast.distributed"

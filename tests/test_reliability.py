@@ -79,6 +79,8 @@ def _leftovers(folder: Path) -> list[str]:
     (["--method", "foo"], "--method"),
     (["--device", "foo"], "device"),
     (["--bogus"], "--bogus"),
+    (["--head-prefix", ""], "argument --head-prefix"),
+    (["--exclude", ""], "argument --exclude"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_flag_exits_2_naming_it(tmp_path, inputs, capsys, extra, named):
     err = _fails(flags(inputs, tmp_path / "out") + extra, capsys, code=2)
@@ -121,11 +123,12 @@ def test_bad_yaml_value_exits_2_naming_the_key(tmp_path, inputs, capsys, key, va
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_method_option_in_yaml_exits_2(tmp_path, inputs, capsys):
+@pytest.mark.parametrize("options", [{"density": "x"}, {"density": 1.5}, {"scaling": float("inf")}], ids=str)
+def test_bad_method_option_in_yaml_exits_2(tmp_path, inputs, capsys, options):
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump({"base": str(inputs[0]), "specialists": [str(p) for p in inputs[1:]],
-                                      "output": str(tmp_path / "out"), "method": "ties", "options": {"density": "x"}}))
-    assert "density" in _fails([str(config)], capsys, code=2)
+                                      "output": str(tmp_path / "out"), "method": "ties", "options": options}))
+    assert next(iter(options)) in _fails([str(config)], capsys, code=2)
 
 
 def test_yaml_rank_ratio_none_string_means_no_truncation(tmp_path, inputs, family):
