@@ -195,6 +195,10 @@ def _check_yaml_types(path: str, data: dict[str, Any]) -> None:
         if not ok:
             raise CommandError(f"{path}: {key}: must be {what}, got {data[key]!r}")
 
+    for key in RUN_KEYS:  # `key: null` (or `key:`) means the default, as if absent
+        if key in data and data[key] is None:
+            del data[key]
+
     for key in ("base", "output", "prefix", "device", "spill_dir", "method"):
         if key in data:
             need(isinstance(data[key], str) and data[key] != "", key, "a non-empty string")

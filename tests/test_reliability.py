@@ -131,10 +131,11 @@ def test_bad_method_option_in_yaml_exits_2(tmp_path, inputs, capsys, options):
     assert next(iter(options)) in _fails([str(config)], capsys, code=2)
 
 
-def test_yaml_rank_ratio_none_string_means_no_truncation(tmp_path, inputs, family):
+def test_yaml_rank_ratio_none_string_means_no_truncation_and_null_run_keys_the_default(tmp_path, inputs, family):
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump({"base": str(inputs[0]), "specialists": [str(p) for p in inputs[1:]],
-                                      "output": str(tmp_path / "out"), "rank_ratio": "none"}))
+                                      "output": str(tmp_path / "out"), "rank_ratio": "none", "device": None,
+                                      "prefix": None, "spill_dir": None, "shard_size": None, "options": None}))
     assert main([str(config), "--quiet"]) == 0
     expected = r2m_fast.merge(family[0], family[1:], rank_ratio=None).state_dict
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
