@@ -11,6 +11,7 @@ from r2m_fast.config import R2MConfig
 from r2m_fast.engine import DictSource
 from r2m_fast.plan import ModelLike
 from r2m_fast.result import MergeResult
+from r2m_fast.safety import check_device
 
 
 def merge(
@@ -28,12 +29,15 @@ def merge(
 
     Args:
         base: the pretrained model θ₀, a state dict (name → tensor) or an nn.Module.
-        specialists: N ≥ 2 fine-tuned models of the same architecture (same names, shapes, dtypes).
+        specialists: N ≥ 2 fine-tuned models of the same architecture (same names, shapes, dtypes);
+            any iterable (a generator too).
         config: an R2MConfig. For ``method="r2m"`` keyword `overrides` replace its fields (e.g.
             ``rank_ratio=0.05``); for a baseline only its ``out_dtype`` and ``head_prefix`` apply.
         method: "r2m" (default), "average", "task_arithmetic", "ties" or "tsvm"
             (see r2m_fast.baselines).
         device: where to compute (default: the base tensors' device); results go back to it too.
+            A device that cannot run here (``"cuda"`` without a usable GPU) raises
+            r2m_fast.DeviceUnavailable before any work.
         progress: show a progress bar per pass.
         spill_dir: an existing, writable folder: R²M's sketches and residual factors wait between
             passes in a temporary folder created there (removed when the merge ends, also on
@@ -52,13 +56,14 @@ def merge(
     """
     from r2m_fast.baselines import run_method
 
+    device = check_device(device)
     config = config or R2MConfig()
     options: dict[str, Any] = {}
     if method == "r2m":
         config = config.replace(**overrides) if overrides else config
     else:
         options = overrides
-    source = DictSource(base, specialists, device=torch.device(device) if device is not None else None)
+    source = DictSource(base, list(specialists), device=device)
     return run_method(source, config, method=method, options=options, progress=progress, spill_dir=spill_dir)
 
 
@@ -76,6 +81,7 @@ def merge_files(
     force: bool = False,
     progress: bool = False,
     spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+    allow_safe_globals: bool = False,
 ) -> MergeResult:
     """Merge checkpoints on disk into the folder `output`, streaming one layer at a time.
 
@@ -85,10 +91,15 @@ def merge_files(
     and an existing one is replaced only with ``force=True``. The returned MergeResult has an
     empty state_dict (the tensors went to disk) and the report that was written. `spill_dir`: as
     for merge (keep R²M's between-pass tensors on disk there, so memory does not grow with the model).
+    Pickled inputs load with torch.load(weights_only=True); ``allow_safe_globals=True`` also accepts
+    numpy scalars, dtypes and arrays and argparse.Namespace in them (nothing else). Before pass 1 the
+    output's filesystem must have room for it, and temporary folders left beside `output` by killed
+    merges (their process gone) are removed.
     """
     from r2m_fast.io import merge_checkpoints
 
     return merge_checkpoints(
         base, specialists, output, config or R2MConfig(), method=method, options=options or {}, prefix=prefix,
         device=device, shard_size=shard_size, force=force, progress=progress, spill_dir=spill_dir,
+        allow_safe_globals=allow_safe_globals,
     )

@@ -21,6 +21,7 @@ in R²M so that the backbones are what is compared.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -84,8 +85,8 @@ def method_options(method: str, options: Optional[Mapping[str, Any]] = None) -> 
             f"method {method!r}: unknown option(s) {', '.join(unknown)}; it takes {', '.join(sorted(known)) or 'none'}"
         )
     for name, value in options.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"method {method!r}: option {name} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"method {method!r}: option {name} must be a finite number, got {value!r}")
     if "density" in options and not 0.0 < float(options["density"]) <= 1.0:
         raise ValueError(f"method {method!r}: option density must be in (0, 1], got {options['density']!r}")
     return cls(**{k: float(v) for k, v in options.items()})

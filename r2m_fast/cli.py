@@ -4,8 +4,10 @@
     r2m-merge --base PATH --specialist PATH --specialist PATH ... --output DIR [flags]
     r2m-merge --example DIR
 
-Flags override the YAML. Errors print one line on stderr and exit non-zero (1: the merge failed,
-2: bad command line, 130/143: interrupted by SIGINT/SIGTERM); ``--debug`` shows the traceback.
+Flags override the YAML. Errors print one line on stderr and exit non-zero (1: the merge failed
+on its data or the disk, 2: a bad command-line or config value, 130/143: interrupted by
+SIGINT/SIGTERM); ``--debug`` shows the traceback. Only the standard library is imported before
+main() runs, so Ctrl-C while torch loads still exits 130 without a traceback.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional, Sequence
-
-from r2m_fast.baselines import METHODS, OPTION_NAMES
+from typing import Any, Callable, Optional, Sequence
 
 PROG = "r2m-merge"
 # YAML keys that are not R2MConfig fields or method options.
-RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device", "spill_dir")
+RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device", "spill_dir",
+            "allow_safe_globals")
+# The methods, for --help and argparse's choices (r2m_fast.baselines.METHODS, which imports torch).
+METHOD_NAMES = ("r2m", "average", "task_arithmetic", "ties", "tsvm")
 # Rough rates for the --dry-run time estimate; the estimate says which it assumed.
 ASSUMED_READ_BYTES_PER_S = 1.0e9
 ASSUMED_FLOPS = {"cpu": 5.0e10, "cuda": 2.0e13}
@@ -37,12 +40,69 @@ class CommandError(Exception):
     """A usage problem found after parsing (missing base, unknown YAML key, ...): exit code 2."""
 
 
-def _ratio_or_none(text: str) -> Optional[float]:
-    return None if text.lower() in ("none", "off") else float(text)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``PROG: error: argument --flag: ...``, exit 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(minimum: Optional[float] = None, maximum: Optional[float] = None, *, integer: bool = False,
+           open_minimum: bool = False, none: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type=``: a finite number (an integer with `integer`) in [minimum, maximum]
+    (`open_minimum`: (minimum, maximum]); `none` also takes 'none'/'off' as None. Its error says
+    what was expected, e.g. ``argument --k-real: expected an integer ≥ 1, got '0'``."""
+    kind = "an integer" if integer else "a number"
+    if minimum is not None and maximum is not None:
+        want = f"{kind} in {'(' if open_minimum else '['}{minimum:g}, {maximum:g}]"
+    elif minimum is not None:
+        want = f"{kind} {'>' if open_minimum else '≥'} {minimum:g}"
+    else:
+        want = f"a finite {kind.split()[1]}"
+    if none:
+        want += " or 'none'"
+
+    def parse(text: str) -> Any:
+        if none and text.strip().lower() in ("none", "off"):
+            return None
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = None
+        ok = value is not None and math.isfinite(value)
+        ok = ok and (minimum is None or (value > minimum if open_minimum else value >= minimum))
+        ok = ok and (maximum is None or value <= maximum)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+def dtype_arg(text: str) -> str:
+    """An argparse ``type=`` for --out-dtype: the name, checked by config.parse_dtype."""
+    from r2m_fast.config import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("out_dtype: ")) from None
+    return text
+
+
+def size_arg(text: str) -> str:
+    """An argparse ``type=`` for --shard-size: the text, checked by io.parse_size."""
+    from r2m_fast.io import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("shard_size: ")) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG,
         description="Merge fine-tuned specialists of one base model by R²M (or a baseline), streaming "
         "one layer at a time. Inputs: .safetensors, Hugging Face folders, .pt/.pth/.bin state dicts.",
@@ -60,39 +120,44 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also save the merge state (Grams, sketches) in OUTPUT/r2m_state for `r2m-merge add/remove`")
     io.add_argument("--output", help="output folder (written atomically)")
     io.add_argument("--force", action="store_true", help="replace an existing output folder")
-    io.add_argument("--shard-size", help="largest shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
+    io.add_argument("--shard-size", type=size_arg, help="largest shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
     io.add_argument("--prefix", help="merge only tensors named PREFIX* and strip PREFIX (e.g. 'backbone.')")
     io.add_argument("--example", metavar="DIR",
                     help="build a small synthetic ViT and 3 specialists under DIR, merge them, print the report")
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=METHODS, help="r2m (default), average, task_arithmetic, ties, tsvm")
-    m.add_argument("--scaling", "--lambda", type=float, dest="scaling",
+    m.add_argument("--method", choices=METHOD_NAMES, help="r2m (default), average, task_arithmetic, ties, tsvm")
+    m.add_argument("--scaling", "--lambda", type=number(), dest="scaling",
                    help="task_arithmetic λ (0.3), ties λ (1.0), tsvm α (1.0)")
-    m.add_argument("--density", type=float, help="ties: fraction of each task vector kept per tensor (0.2)")
+    m.add_argument("--density", type=number(0, 1, open_minimum=True), help="ties: fraction of each task vector kept per tensor (0.2)")
     r = p.add_argument_group("R²M options (R2MConfig)")
-    r.add_argument("--rank-ratio", type=_ratio_or_none, default=argparse.SUPPRESS, help="residual rank ratio (0.1); 'none' keeps residuals whole")
-    r.add_argument("--alpha", type=float, help="η = alpha·‖τ_core‖ (0.6)")
-    r.add_argument("--k-real", type=int, help="dimension of the Real subspace (1)")
-    r.add_argument("--seed", type=int, help="seed of the random sketches (0)")
+    r.add_argument("--rank-ratio", type=number(0, 1, open_minimum=True, none=True), default=argparse.SUPPRESS, help="residual rank ratio (0.1); 'none' keeps residuals whole")
+    r.add_argument("--alpha", type=number(0), help="η = alpha·‖τ_core‖ (0.6)")
+    r.add_argument("--k-real", type=number(1, integer=True),
+                   help="dimension of the Real subspace (1; more than the N specialists runs, and is recorded, as N)")
+    r.add_argument("--seed", type=number(0, integer=True), help="seed of the random sketches (0)")
     r.add_argument("--head-prefix", help="parameters under this prefix are averaged (e.g. 'head.')")
     r.add_argument("--exclude", action="append", help="substring of passthrough parameters (repeat; default ln, norm, bias)")
     r.add_argument("--block-norm", choices=("fro_sqrtP", "fro", "none"))
     r.add_argument("--residual-scale", choices=("relative", "kit"))
     r.add_argument("--center", action="store_true", default=None, help="centred task matrix (the paper)")
-    r.add_argument("--real-blend-beta", type=float)
-    r.add_argument("--oversample", type=int)
-    r.add_argument("--power-iters", type=int)
+    r.add_argument("--real-blend-beta", type=number())
+    r.add_argument("--oversample", type=number(0, integer=True))
+    r.add_argument("--power-iters", type=number(0, integer=True))
     r.add_argument("--range-finder-precision", choices=("auto", "fp32", "bf16"))
     r.add_argument("--skip-depthwise", action="store_true", default=None)
     e = p.add_argument_group("execution")
     e.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     e.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
-    e.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads)")
-    e.add_argument("--out-dtype", help="dtype of merged floating tensors (default: each base tensor's)")
+    e.add_argument("--threads", type=number(1, integer=True), help="CPU threads for torch (torch.set_num_threads)")
+    e.add_argument("--out-dtype", type=dtype_arg, help="dtype of merged floating tensors (default: each base tensor's)")
     e.add_argument("--spill-dir", metavar="DIR",
                    help="keep R²M's sketches and residual factors between passes in a temporary folder inside "
                    "DIR (an existing folder) instead of memory: memory no longer grows with the model; same result")
-    e.add_argument("--dry-run", action="store_true", help="print the plan and estimates, write nothing")
+    e.add_argument("--allow-safe-globals", action="store_true", default=None,
+                   help="pickled (.pt/.bin) inputs may also hold numpy scalars, dtypes and arrays and "
+                   "argparse.Namespace objects (added to torch.load(weights_only=True)'s allowlist; nothing else)")
+    e.add_argument("--dry-run", action="store_true",
+                   help="print the plan and estimates, check the device and the output's disk space, write nothing")
     e.add_argument("--quiet", action="store_true", help="no progress bars, no summary")
     e.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     return p
@@ -124,15 +189,51 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def _check_yaml_types(path: str, data: dict[str, Any]) -> None:
+    """CommandError naming the key for a run setting of the wrong type (a list where a path goes, ...)."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise CommandError(f"{path}: {key}: must be {what}, got {data[key]!r}")
+
+    for key in RUN_KEYS:  # `key: null` (or `key:`) means the default, as if absent
+        if key in data and data[key] is None:
+            del data[key]
+
+    for key in ("base", "output", "prefix", "device", "spill_dir", "method"):
+        if key in data:
+            need(isinstance(data[key], str) and data[key] != "", key, "a non-empty string")
+    if "specialists" in data:
+        need(isinstance(data["specialists"], list)
+             and all(isinstance(s, str) and s for s in data["specialists"]), "specialists", "a list of paths")
+    if "shard_size" in data:
+        need(isinstance(data["shard_size"], (int, str)) and not isinstance(data["shard_size"], bool),
+             "shard_size", "a size such as 5GB or a number of bytes")
+    if "options" in data and data["options"] is not None:
+        need(isinstance(data["options"], dict), "options", "a mapping of option names to numbers")
+    if "allow_safe_globals" in data:
+        need(isinstance(data["allow_safe_globals"], bool), "allow_safe_globals", "true or false")
+    if isinstance(data.get("rank_ratio"), str) and data["rank_ratio"].strip().lower() in ("none", "off"):
+        data["rank_ratio"] = None
+
+
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """YAML values overridden by flags, split into run settings, R2MConfig fields and method options."""
+    """YAML values overridden by flags, split into run settings, R2MConfig fields and method options.
+
+    Every value is checked here, before anything is read: a bad one raises CommandError (exit 2)
+    naming the flag or the YAML key, and so does a device that cannot run on this machine."""
+    from r2m_fast.baselines import OPTION_NAMES, method_options
     from r2m_fast.config import R2MConfig
+    from r2m_fast.io import parse_size
+    from r2m_fast.safety import DeviceUnavailable, check_device
 
     data = load_yaml(args.config) if args.config else {}
+    where = f"{args.config}: " if args.config else ""
     fields = {f.name for f in dataclasses.fields(R2MConfig)}
     unknown = sorted(set(data) - fields - set(RUN_KEYS) - set(OPTION_NAMES))
     if unknown:
         raise CommandError(f"{args.config}: unknown key(s) {', '.join(unknown)}")
+    if args.config:
+        _check_yaml_types(args.config, data)
     options = dict(data.pop("options", None) or {})
     options.update({k: data.pop(k) for k in OPTION_NAMES if k in data})
     for name in OPTION_NAMES:
@@ -141,16 +242,20 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     run = {k: data.pop(k) for k in RUN_KEYS if k in data}
     for key, value in (("base", args.base), ("specialists", args.specialists), ("output", args.output),
                        ("method", args.method), ("prefix", args.prefix), ("shard_size", args.shard_size),
-                       ("device", args.device), ("spill_dir", args.spill_dir)):
+                       ("device", args.device), ("spill_dir", args.spill_dir),
+                       ("allow_safe_globals", args.allow_safe_globals)):
         if value is not None:
             run[key] = value
+    from_flags = set()
     for key in CONFIG_FLAGS:
         # --rank-ratio none means None, so that flag is "absent" by default rather than None.
         if key == "rank_ratio":
             if hasattr(args, key):
                 data[key] = args.rank_ratio
+                from_flags.add(key)
         elif getattr(args, key) is not None:
             data[key] = getattr(args, key)
+            from_flags.add(key)
     if isinstance(data.get("exclude"), list):
         data["exclude"] = tuple(data["exclude"])
     if "base" not in run:
@@ -160,13 +265,26 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError("need at least 2 specialists: --specialist PATH (repeat) or 'specialists:' in the config")
     if "output" not in run and not args.dry_run:
         raise CommandError("no output folder: give --output DIR or 'output:' in the config")
-    config = R2MConfig(**data)
+    try:
+        config = R2MConfig(**data)
+    except (ValueError, TypeError) as exc:  # R2MConfig's messages start with the field's name
+        field, _, rest = str(exc).partition(": ")
+        if field in from_flags:
+            raise CommandError(f"argument --{field.replace('_', '-')}: {rest}") from None
+        raise CommandError(f"{where}{exc}") from None
     method = run.get("method", "r2m")
     if method == "r2m" and options:
         raise CommandError(f"method r2m takes no option(s) {', '.join(sorted(options))} (they belong to a baseline)")
-    from r2m_fast.baselines import method_options
-
-    method_options(method, options)
+    try:
+        method_options(method, options)
+        if run.get("shard_size") is not None:
+            parse_size(run["shard_size"])
+    except ValueError as exc:
+        raise CommandError(f"{where}{exc}") from None
+    try:
+        check_device(run.get("device"))
+    except (ValueError, DeviceUnavailable) as exc:
+        raise CommandError(str(exc)) from None
     return {"config": config, "method": method, "options": options, **run, "specialists": [str(s) for s in specialists]}
 
 
@@ -179,17 +297,20 @@ def _fmt_bytes(n: float) -> str:
 
 
 def dry_run(settings: dict[str, Any], out=None) -> None:
-    """Print the plan (layers, kinds, ranks) and the estimated peak memory, flops and time."""
+    """Print the plan (layers, kinds, ranks), the estimated peak memory, flops and time, and the
+    output's size against the free space where it goes (OutputError, exit 1, when it does not fit)."""
     out = out or sys.stdout
     import torch
 
     from r2m_fast.engine import sketch_width
-    from r2m_fast.io import FileSource
+    from r2m_fast.io import DEFAULT_SHARD_SIZE, FileSource, ShardedSafetensorsWriter, allowing_safe_globals, output_layout
     from r2m_fast.plan import DECOMPOSED, PASSTHROUGH, build_plan
+    from r2m_fast.safety import check_free_space, format_bytes, free_bytes
 
     config, method = settings["config"], settings["method"]
-    with FileSource(settings["base"], settings["specialists"], device=settings.get("device"),
-                    prefix=settings.get("prefix")) as source:
+    with allowing_safe_globals(bool(settings.get("allow_safe_globals"))), \
+            FileSource(settings["base"], settings["specialists"], device=settings.get("device"),
+                       prefix=settings.get("prefix")) as source:
         specs = source.specs()
     N = len(settings["specialists"])
     device = torch.device(settings.get("device") or "cpu")
@@ -245,6 +366,13 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     rate = ASSUMED_FLOPS["cuda" if device.type == "cuda" else "cpu"]
     seconds = max(read / ASSUMED_READ_BYTES_PER_S, flops / rate)
     spill = settings.get("spill_dir") if method == "r2m" else None
+    if settings.get("output") is not None:
+        needed = ShardedSafetensorsWriter(settings["output"], output_layout(specs, config.out_dtype),
+                                          shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE).needed_bytes()
+        parent = Path(settings["output"]).absolute().parent
+        free = free_bytes(parent)
+        print(f"output disk space: needs {format_bytes(needed)} in {parent}, "
+              f"{'unknown' if free is None else format_bytes(free)} free", file=out)
     print(f"estimated peak memory: {_fmt_bytes(largest + (0 if spill else resident))} "
           f"(largest layer of {N + 1} models with fp32 work copies {_fmt_bytes(largest)}"
           + (f", sketches and residual factors {_fmt_bytes(resident)}" if method == "r2m" and not spill else "")
@@ -255,6 +383,8 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
           f"{_fmt_bytes(model_bytes)} written", file=out)
     print(f"estimated time: {seconds:.1f} s (assuming {ASSUMED_READ_BYTES_PER_S / 1e9:.0f} GB/s reads and "
           f"{rate / 1e9:.0f} GFLOP/s on {device.type})", file=out)
+    if settings.get("output") is not None:
+        check_free_space(settings["output"], needed)
 
 
 def summarize(result, out=None) -> None:
@@ -278,19 +408,29 @@ def _on_sigterm(signum, frame) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``r2m-merge``; returns the exit code (also raised as SystemExit by the script)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # during start-up (importing torch, parsing); _main handles the merge's own
+        print(f"{PROG}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     # Incremental re-merges (r2m_fast.incremental): `r2m-merge add|remove ...`, and a merge that
     # saves the state they need with `--save-state`.
-    if argv and argv[0] in ("add", "remove"):
-        from r2m_fast import incremental
+    try:
+        if argv and argv[0] in ("add", "remove"):
+            from r2m_fast import incremental
 
-        return incremental.add_main(argv[1:]) if argv[0] == "add" else incremental.remove_main(argv[1:])
-    if "--save-state" in argv:
-        from r2m_fast import incremental
+            return incremental.add_main(argv[1:]) if argv[0] == "add" else incremental.remove_main(argv[1:])
+        if "--save-state" in argv:
+            from r2m_fast import incremental
 
-        return incremental.merge_main([a for a in argv if a != "--save-state"])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+            return incremental.merge_main([a for a in argv if a != "--save-state"])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -321,10 +461,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.threads is not None and args.threads < 1:
-        raise CommandError(f"--threads: must be ≥ 1, got {args.threads}")
     if args.example is not None:
         from r2m_fast.example import run_example
+        from r2m_fast.safety import DeviceUnavailable, check_device
+
+        try:
+            check_device(args.device)
+        except (ValueError, DeviceUnavailable) as exc:
+            raise CommandError(str(exc)) from None
 
         run_example(args.example, force=args.force, quiet=args.quiet, device=args.device,
                     threads=args.threads if args.threads is not None else 1, spill_dir=args.spill_dir)
@@ -347,6 +491,7 @@ def _run(args: argparse.Namespace) -> int:
         method=settings["method"], options=settings["options"], prefix=settings.get("prefix"),
         device=settings.get("device"), shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE,
         force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
+        allow_safe_globals=bool(settings.get("allow_safe_globals")),
     )
     if not args.quiet:
         summarize(result)

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar, Union
@@ -45,6 +44,7 @@ from r2m_fast.engine import (
 )
 from r2m_fast.plan import DECOMPOSED, LayerPlan
 from r2m_fast.result import MergeResult
+from r2m_fast.safety import make_temp_dir, remove_stale_temps
 
 if TYPE_CHECKING:
     from r2m_fast.spill import Spill
@@ -256,7 +256,8 @@ def merge_files_distributed(
             raise FileExistsError(f"{out}: output exists; pass --force (force=True) to replace it")
         parent = out.absolute().parent
         parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent)
+        remove_stale_temps(out)
+        return str(make_temp_dir(parent, out.name))
 
     tmp_root = Path(comm.broadcast(comm.run(prepare)))
     committed = False
@@ -312,7 +313,7 @@ def merge_files_distributed(
             if out.exists():
                 if not force:
                     raise FileExistsError(f"{out}: output appeared during the merge; pass --force to replace it")
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=tmp_root.parent))
+                trash = make_temp_dir(tmp_root.parent, out.name, kind="old")
                 os.rename(out, trash / "old")
                 os.rename(tmp_root, out)
                 shutil.rmtree(trash, ignore_errors=True)
@@ -352,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = cli.build_parser()
     parser.prog = "torchrun --nproc-per-node N -m r2m_fast.distributed"
-    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    parser.add_argument("--dist-timeout", type=cli.number(0, open_minimum=True), default=DEFAULT_TIMEOUT_S,
                         help=f"seconds a rank waits for the others before failing ({DEFAULT_TIMEOUT_S})")
     args = parser.parse_args(argv)
     prog = "r2m_fast.distributed"
@@ -367,12 +368,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     device = init_from_env(settings.get("device"), args.dist_timeout)
     rank = dist.get_rank()
+    from r2m_fast.io import allowing_safe_globals
+
     try:
-        result = merge_files_distributed(
-            settings["base"], settings["specialists"], settings["output"], settings["config"],
-            prefix=settings.get("prefix"), device=device, shard_size=settings.get("shard_size") or "5GB",
-            force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
-        )
+        with allowing_safe_globals(bool(settings.get("allow_safe_globals"))):
+            result = merge_files_distributed(
+                settings["base"], settings["specialists"], settings["output"], settings["config"],
+                prefix=settings.get("prefix"), device=device, shard_size=settings.get("shard_size") or "5GB",
+                force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
+            )
+    except KeyboardInterrupt:
+        print(f"{prog}: rank {rank}: interrupted; no partial output was left", file=sys.stderr)
+        dist.destroy_process_group()
+        return 130
     except Exception as exc:
         if args.debug:
             import traceback

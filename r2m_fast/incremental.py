@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from r2m_fast import cli
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.engine import (
@@ -46,6 +47,7 @@ from r2m_fast.engine import (
 )
 from r2m_fast.plan import DECOMPOSED, MergeInputError, ModelLike, check_finite
 from r2m_fast.result import MergeResult
+from r2m_fast.safety import DeviceUnavailable, check_device
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -419,7 +421,7 @@ class _VerifyingSource:
 
 
 def _device(device: Optional[Union[str, torch.device]]) -> Optional[torch.device]:
-    return torch.device(device) if device is not None else None
+    return check_device(device)
 
 
 @torch.no_grad()
@@ -681,13 +683,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="output folder (default: the merged folder holding the state, replaced)")
     p.add_argument("--force", action="store_true", help="replace an existing --output folder")
     p.add_argument("--device", help="cpu (default) or cuda[:i]; must be the device type the state was made on")
-    p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
-    p.add_argument("--alpha", type=float, help="change α (options that do not enter pass 1 may change)")
-    p.add_argument("--k-real", type=int)
-    p.add_argument("--power-iters", type=int)
+    p.add_argument("--shard-size", type=cli.size_arg, default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--alpha", type=cli.number(0), help="change α (options that do not enter pass 1 may change)")
+    p.add_argument("--k-real", type=cli.number(1, integer=True))
+    p.add_argument("--power-iters", type=cli.number(0, integer=True))
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
-    p.add_argument("--out-dtype")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--out-dtype", type=cli.dtype_arg)
+    p.add_argument("--threads", type=cli.number(1, integer=True), help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
 
@@ -698,6 +700,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_cli(prog: str, args: argparse.Namespace, body: Callable[[], MergeResult]) -> int:
+    try:
+        check_device(args.device)  # before any work, exit 2 as r2m-merge
+    except (ValueError, DeviceUnavailable) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -722,7 +729,7 @@ def _run_cli(prog: str, args: argparse.Namespace, body: Callable[[], MergeResult
 
 def add_main(argv: Optional[Sequence[str]] = None) -> int:
     """``r2m-merge add --state DIR --specialist PATH [--output DIR] ...``; returns the exit code."""
-    p = argparse.ArgumentParser(prog="r2m-merge add", description="Add a specialist to a merge saved with its state.")
+    p = cli.ArgumentParser(prog="r2m-merge add", description="Add a specialist to a merge saved with its state.")
     p.add_argument("--specialist", required=True, help="the new specialist")
     _common(p)
     args = p.parse_args(argv)
@@ -734,10 +741,10 @@ def add_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def remove_main(argv: Optional[Sequence[str]] = None) -> int:
     """``r2m-merge remove --state DIR (--specialist PATH | --index I) [--output DIR] ...``."""
-    p = argparse.ArgumentParser(prog="r2m-merge remove", description="Remove a specialist from a merge saved with its state.")
+    p = cli.ArgumentParser(prog="r2m-merge remove", description="Remove a specialist from a merge saved with its state.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--specialist", help="the specialist to drop, by the path the state records")
-    which.add_argument("--index", type=int, help="the specialist to drop, by its position (0-based)")
+    which.add_argument("--index", type=cli.number(0, integer=True), help="the specialist to drop, by its position (0-based)")
     _common(p)
     args = p.parse_args(argv)
     return _run_cli("r2m-merge remove", args, lambda: remove_specialist_files(
@@ -748,7 +755,7 @@ def remove_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def merge_main(argv: Optional[Sequence[str]] = None) -> int:
     """A full merge that also saves its state: every r2m-merge flag and YAML key (method r2m only)."""
-    from r2m_fast import cli
+    from r2m_fast.io import allowing_safe_globals
 
     parser = cli.build_parser()
     parser.prog = "python -m r2m_fast.incremental merge"
@@ -765,10 +772,14 @@ def merge_main(argv: Optional[Sequence[str]] = None) -> int:
         # save_state gathers every sketch in memory to write the state: spilling would not bound memory.
         print(f"{parser.prog}: error: --spill-dir does not combine with --save-state", file=sys.stderr)
         return 2
-    return _run_cli(parser.prog, args, lambda: merge_files_with_state(
-        settings["base"], settings["specialists"], settings["output"], settings["config"],
-        prefix=settings.get("prefix"), device=settings.get("device"),
-        shard_size=settings.get("shard_size") or "5GB", force=args.force, progress=not args.quiet))
+    def body() -> MergeResult:
+        with allowing_safe_globals(bool(settings.get("allow_safe_globals"))):
+            return merge_files_with_state(
+                settings["base"], settings["specialists"], settings["output"], settings["config"],
+                prefix=settings.get("prefix"), device=settings.get("device"),
+                shard_size=settings.get("shard_size") or "5GB", force=args.force, progress=not args.quiet)
+
+    return _run_cli(parser.prog, args, body)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,9 +26,10 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import time
+import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -37,6 +38,10 @@ import torch
 from r2m_fast.config import R2MConfig
 from r2m_fast.plan import MergeInputError, check_compatible
 from r2m_fast.result import MergeResult
+from r2m_fast.safety import (
+    SIDE_FILES_BYTES, SIDE_FILES_BYTES_PER_TENSOR, OutputError, blocked_globals, check_device, check_free_space,
+    known_safe_globals, make_temp_dir, output_write_error, refused_pickle_message, remove_stale_temps,
+)
 
 PathLike = Union[str, os.PathLike]
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -244,10 +249,12 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 class PickleCheckpoint(Checkpoint):
-    """A torch.save'd state dict (possibly wrapped, possibly sharded with a .bin index)."""
+    """A torch.save'd state dict (possibly wrapped, possibly sharded with a .bin index). Inside
+    ``allowing_safe_globals()`` it also accepts the known-safe globals of r2m_fast.safety."""
 
     def __init__(self, path: Path, files: Sequence[Path], prefix: Optional[str], remap_bytes: int = PICKLE_REMAP_BYTES):
         self._files = list(files)
+        self._allow_safe_globals = _ALLOW_SAFE_GLOBALS.get()  # a later re-open loads the same way
         self._remap_bytes = remap_bytes
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._touched: dict[Path, int] = {}
@@ -264,7 +271,7 @@ class PickleCheckpoint(Checkpoint):
             return self._loaded[file]
         if not file.exists():
             raise MergeInputError(f"{file}: no such file")
-        obj, mmapped = _torch_load(file)
+        obj, mmapped = _torch_load(file, self._allow_safe_globals)
         self._loaded[file] = _find_state_dict(obj, file)
         self._mmapped[file] = mmapped
         self._touched[file] = 0
@@ -286,23 +293,61 @@ class PickleCheckpoint(Checkpoint):
         self._loaded.clear()
 
 
-def _torch_load(file: Path) -> tuple[Any, bool]:
+# Set by allowing_safe_globals(): pickles opened meanwhile accept r2m_fast.safety.known_safe_globals().
+_ALLOW_SAFE_GLOBALS: ContextVar[bool] = ContextVar("r2m_allow_safe_globals", default=False)
+
+
+@contextmanager
+def allowing_safe_globals(allow: bool = True) -> Iterator[None]:
+    """Pickled checkpoints opened inside this block may hold numpy scalars, dtypes and arrays and
+    argparse.Namespace objects (torch.load(weights_only=True) with exactly those added); never any
+    other global."""
+    token = _ALLOW_SAFE_GLOBALS.set(bool(allow))
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True), True
+        yield
+    finally:
+        _ALLOW_SAFE_GLOBALS.reset(token)
+
+
+def _torch_load(file: Path, allow_safe_globals: bool = False) -> tuple[Any, bool]:
+    allowed = known_safe_globals() if allow_safe_globals else []
+
+    def load(mmap: bool) -> Any:
+        # torch's own warnings about a checkpoint (deprecated numpy paths, storage types) are not
+        # actionable here: the file loads or the error below says what to do.
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        return load(mmap=True), True
     except RuntimeError as exc:
         if "mmap" not in str(exc):
-            raise MergeInputError(f"{file}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+            raise _unreadable(file, exc, allow_safe_globals) from None
     except Exception as exc:  # pickle/zip errors come in many types
-        raise MergeInputError(f"{file}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise _unreadable(file, exc, allow_safe_globals) from None
     # The legacy (non-zip) format cannot be mapped: it is read whole.
     try:
-        return torch.load(file, map_location="cpu", weights_only=True), False
+        return load(mmap=False), False
     except Exception as exc:
-        raise MergeInputError(f"{file}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise _unreadable(file, exc, allow_safe_globals) from None
+
+
+def _unreadable(file: Path, exc: BaseException, allow_safe_globals: bool) -> MergeInputError:
+    text = str(exc)
+    if "weights only load failed" in text.lower():  # torch's weights-only unpickler stopped
+        blocked = blocked_globals(file, exc)
+        if blocked:
+            return MergeInputError(refused_pickle_message(file, blocked, allow_safe_globals))
+        # Not a global it refused but bytes it cannot parse: say that, not torch's whole advice.
+        reason = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+        if reason:
+            return MergeInputError(f"{file}: not a readable PyTorch checkpoint (unpickling: {reason[0]})")
+    return MergeInputError(f"{file}: not a readable PyTorch checkpoint ({_first_line(exc)})")
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # no terminal colour codes
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
@@ -585,6 +630,12 @@ class ShardedSafetensorsWriter:
             size += nbytes
         return shards
 
+    def needed_bytes(self) -> int:
+        """Disk space the finished folder takes: shards (headers included), index and side files."""
+        shards = sum(len(_header_bytes(shard)) + sum(_nbytes(s, d) for _, s, d in shard) for shard in self.shards)
+        index = 100 * len(self.layout) if len(self.shards) > 1 else 0  # ≈ one weight_map line per tensor
+        return shards + index + SIDE_FILES_BYTES + SIDE_FILES_BYTES_PER_TENSOR * len(self.layout)
+
     def check_target(self) -> None:
         """Refuse an existing output unless forced (checked again just before the final rename)."""
         if self.output.exists() and not self.force:
@@ -595,9 +646,21 @@ class ShardedSafetensorsWriter:
     def __enter__(self) -> "ShardedSafetensorsWriter":
         self.check_target()
         parent = self.output.absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.output)  # before the space check: leftovers of killed merges count
+            check_free_space(self.output, self.needed_bytes())
+            self.tmp = make_temp_dir(parent, self.output.name)
+        except OutputError:
+            raise
+        except OSError as exc:
+            raise output_write_error(self.output, exc) from exc
         return self
+
+    def _failed(self, exc: OSError) -> OSError:
+        """The error to raise for `exc` met while writing, after removing what was written."""
+        self.abort()
+        return output_write_error(self.output, exc, self.needed_bytes())
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         if self.tmp is None:
@@ -610,12 +673,15 @@ class ShardedSafetensorsWriter:
                 f"writer: expected {want_name!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}"
             )
         shard = self._shard_index(self._pos)
-        if shard != self._shard:
-            self._close_shard()
-            self._shard = shard
-            self._handle = open(self.tmp / self.files[shard], "wb")
-            self._handle.write(_header_bytes(self.shards[shard]))
-        write_tensor_data(self._handle, tensor)
+        try:
+            if shard != self._shard:
+                self._close_shard()
+                self._shard = shard
+                self._handle = open(self.tmp / self.files[shard], "wb")
+                self._handle.write(_header_bytes(self.shards[shard]))
+            write_tensor_data(self._handle, tensor)
+        except OSError as exc:
+            raise self._failed(exc) from exc
         self._pos += 1
         if self._delay:
             time.sleep(self._delay)
@@ -641,25 +707,35 @@ class ShardedSafetensorsWriter:
     def commit(self) -> Path:
         if self._pos != len(self.layout):
             raise RuntimeError(f"writer: {len(self.layout) - self._pos} tensor(s) never written")
-        self._close_shard()
         assert self.tmp is not None
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
-                "weight_map": {
-                    name: file for shard, file in zip(self.shards, self.files) for name, _, _ in shard
-                },
-            }
-            (self.tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for filename, text in self._texts.items():
-            (self.tmp / filename).write_text(text)
+        try:
+            self._close_shard()
+            if len(self.shards) > 1:
+                index = {
+                    "metadata": {"total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
+                    "weight_map": {
+                        name: file for shard, file in zip(self.shards, self.files) for name, _, _ in shard
+                    },
+                }
+                (self.tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            for filename, text in self._texts.items():
+                (self.tmp / filename).write_text(text)
+        except OSError as exc:
+            raise self._failed(exc) from exc
         with _signals_deferred():
             self.check_target()
             trash = None
-            if self.output.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.old-", dir=self.tmp.parent))
-                os.rename(self.output, trash / "old")
-            os.rename(self.tmp, self.output)
+            try:
+                if self.output.exists():
+                    trash = make_temp_dir(self.tmp.parent, self.output.name, kind="old")
+                    os.rename(self.output, trash / "old")
+                os.rename(self.tmp, self.output)
+            except OSError as exc:
+                if trash is not None:
+                    if (trash / "old").exists() and not self.output.exists():
+                        os.rename(trash / "old", self.output)  # put the replaced output back
+                    shutil.rmtree(trash, ignore_errors=True)
+                raise self._failed(exc) from exc
             self.tmp = None
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
@@ -667,7 +743,10 @@ class ShardedSafetensorsWriter:
 
     def abort(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError:  # its buffer could not be flushed (a full disk): the file goes anyway
+                pass
             self._handle = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -735,8 +814,10 @@ def output_report(
 def run_config_dict(
     base: PathLike, specialists: Sequence[PathLike], output: PathLike, config: R2MConfig, method: str,
     options: Mapping[str, Any], prefix: Optional[str], shard_size: Union[int, str], device: Any,
+    allow_safe_globals: bool = False,
 ) -> dict[str, Any]:
-    """The YAML the merge ran with: feeding it back to r2m-merge repeats the merge."""
+    """The YAML the merge ran with: feeding it back to r2m-merge repeats the merge. k_real is
+    recorded as used: clamped to the number of specialists."""
     out: dict[str, Any] = {
         "base": os.path.abspath(base),
         "specialists": [os.path.abspath(s) for s in specialists],
@@ -749,7 +830,10 @@ def run_config_dict(
     out["shard_size"] = parse_size(shard_size)
     if device is not None:
         out["device"] = str(device)
+    if allow_safe_globals:
+        out["allow_safe_globals"] = True
     out.update(config.to_dict())
+    out["k_real"] = min(config.k_real, len(specialists))
     return out
 
 
@@ -767,14 +851,17 @@ def merge_checkpoints(
     force: bool = False,
     progress: bool = False,
     spill_dir: Optional[PathLike] = None,
+    allow_safe_globals: bool = False,
 ):
     """Stream a merge of checkpoints on disk into `output` (see r2m_fast.api.merge_files)."""
     import yaml
 
     from r2m_fast.baselines import method_options, run_method
 
+    specialists = list(specialists)  # a generator would be spent by the first look
     options = dict(options or {})
     method_options(method, options)
+    device = check_device(device)
     started = time.time()
     t0 = time.perf_counter()
     check_output_apart(output, [base, *specialists])
@@ -782,7 +869,8 @@ def merge_checkpoints(
         from r2m_fast.spill import check_spill_dir
 
         check_spill_dir(spill_dir)  # before anything is read or written
-    with _sigterm_cleans_up(), FileSource(base, specialists, device=device, prefix=prefix) as source:
+    with _sigterm_cleans_up(), allowing_safe_globals(allow_safe_globals), \
+            FileSource(base, specialists, device=device, prefix=prefix) as source:
         open_seconds = time.perf_counter() - t0
         layout = output_layout(source.specs(), config.out_dtype)
         with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
@@ -790,7 +878,8 @@ def merge_checkpoints(
                                 spill_dir=spill_dir)
             report = output_report(result, base, specialists, output, prefix, writer.files, started, t0,
                                    timings={"open_seconds": open_seconds}, method=method, seed=config.seed)
-            run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device)
+            run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device,
+                                      allow_safe_globals=allow_safe_globals)
             writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
             writer.commit()

@@ -170,8 +170,9 @@ def test_usage_errors(tmp_path, inputs, capsys):
     config.write_text("base: [unclosed\n")
     assert "invalid YAML" in _error([str(config)], capsys, code=2)
     assert "density" in _error(flags(inputs, tmp_path / "o") + ["--density", "0.2"], capsys, code=2)
-    assert "density" in _error(flags(inputs, tmp_path / "o") + ["--method", "average", "--density", "0.2"], capsys)
-    assert "rank_ratio" in _error(flags(inputs, tmp_path / "o") + ["--rank-ratio", "3"], capsys)
+    assert "density" in _error(flags(inputs, tmp_path / "o") + ["--method", "average", "--density", "0.2"], capsys,
+                               code=2)
+    assert "--rank-ratio" in _error(flags(inputs, tmp_path / "o") + ["--rank-ratio", "3"], capsys, code=2)
     assert not (tmp_path / "o").exists()
 
 
