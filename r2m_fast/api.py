@@ -76,19 +76,29 @@ def merge_files(
     force: bool = False,
     progress: bool = False,
     spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+    copy_tokenizer: bool = True,
+    tokenizer_source: Optional[Union[str, "os.PathLike[str]"]] = None,
 ) -> MergeResult:
     """Merge checkpoints on disk into the folder `output`, streaming one layer at a time.
 
     Inputs are .safetensors files, Hugging Face style folders, or .pt/.pth/.bin state dicts (see
-    r2m_fast.io). The output folder gets model.safetensors (or shards and an index), the config it
-    ran with (merge_config.yaml) and a report (merge_report.json); it appears only when complete,
-    and an existing one is replaced only with ``force=True``. The returned MergeResult has an
-    empty state_dict (the tensors went to disk) and the report that was written. `spill_dir`: as
-    for merge (keep R²M's between-pass tensors on disk there, so memory does not grow with the model).
+    r2m_fast.io), Hugging Face repo ids (``org/name``) found in the local cache (r2m_fast.hf), and,
+    as specialists, PEFT LoRA adapter folders (materialized on the base one layer at a time;
+    r2m_fast.lora). The output folder gets model.safetensors (or shards and an index), the config it
+    ran with (merge_config.yaml), a report (merge_report.json), a README.md model card and, when the
+    base is a Hugging Face model folder, its config.json (dtype set to the output's),
+    generation_config.json and tokenizer files (from `tokenizer_source` instead when given; none
+    with ``copy_tokenizer=False``), so that ``from_pretrained(output)`` loads it. It appears only
+    when complete, and an existing one is replaced only with ``force=True``. The returned
+    MergeResult has an empty state_dict (the tensors went to disk) and the report that was written.
+    `spill_dir`: as for merge (keep R²M's between-pass tensors on disk there, so memory does not
+    grow with the model). `options`: the method's (task_arithmetic: scaling, weights, normalize;
+    ties: density, scaling, weights, normalize; average: weights, normalize; tsvm: scaling).
     """
     from r2m_fast.io import merge_checkpoints
 
     return merge_checkpoints(
         base, specialists, output, config or R2MConfig(), method=method, options=options or {}, prefix=prefix,
         device=device, shard_size=shard_size, force=force, progress=progress, spill_dir=spill_dir,
+        copy_tokenizer=copy_tokenizer, tokenizer_source=tokenizer_source,
     )

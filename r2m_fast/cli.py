@@ -23,7 +23,8 @@ from r2m_fast.baselines import METHODS, OPTION_NAMES
 
 PROG = "r2m-merge"
 # YAML keys that are not R2MConfig fields or method options.
-RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device", "spill_dir")
+RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device", "spill_dir",
+            "tokenizer_source", "copy_tokenizer")
 # Rough rates for the --dry-run time estimate; the estimate says which it assumed.
 ASSUMED_READ_BYTES_PER_S = 1.0e9
 ASSUMED_FLOPS = {"cpu": 5.0e10, "cuda": 2.0e13}
@@ -51,11 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Incremental re-merges: `r2m-merge add --state DIR --specialist PATH` and "
         "`r2m-merge remove --state DIR (--specialist PATH | --index I)` on a merge run with --save-state.",
     )
-    p.add_argument("config", nargs="?", help="YAML file with the merge (flags override its values)")
+    p.add_argument("config", nargs="?", help="YAML file with the merge (flags override its values); a mergekit "
+                   "YAML (one with merge_method:) is read as mergekit reads it")
+    p.add_argument("output_dir", nargs="?", metavar="OUTPUT", help="output folder, as mergekit-yaml takes it (= --output)")
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--base", help="the pretrained model θ₀")
+    io.add_argument("--base", help="the pretrained model θ₀ (file, folder or cached Hugging Face id org/name)")
     io.add_argument("--specialist", action="append", dest="specialists", metavar="PATH",
-                    help="a fine-tuned model (repeat, at least twice)")
+                    help="a fine-tuned model or a PEFT LoRA adapter folder (repeat, at least twice)")
+    io.add_argument("--tokenizer-source", metavar="PATH",
+                    help="copy the tokenizer files from this model instead of the base (same vocabulary)")
+    io.add_argument("--no-tokenizer", "--no-copy-tokenizer", action="store_true", dest="no_tokenizer",
+                    help="write no tokenizer files into the output")
     io.add_argument("--save-state", action="store_true",
                     help="also save the merge state (Grams, sketches) in OUTPUT/r2m_state for `r2m-merge add/remove`")
     io.add_argument("--output", help="output folder (written atomically)")
@@ -129,6 +136,17 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     from r2m_fast.config import R2MConfig
 
     data = load_yaml(args.config) if args.config else {}
+    from r2m_fast import mergekit_config
+
+    if mergekit_config.is_mergekit(data):
+        try:
+            data = mergekit_config.translate(data, args.config)
+        except ValueError as exc:
+            raise CommandError(f"{args.config}: {exc}") from None
+    if args.output_dir is not None:
+        if args.output is not None:
+            raise CommandError("give the output folder once: OUTPUT or --output")
+        args.output = args.output_dir
     fields = {f.name for f in dataclasses.fields(R2MConfig)}
     unknown = sorted(set(data) - fields - set(RUN_KEYS) - set(OPTION_NAMES))
     if unknown:
@@ -136,14 +154,17 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     options = dict(data.pop("options", None) or {})
     options.update({k: data.pop(k) for k in OPTION_NAMES if k in data})
     for name in OPTION_NAMES:
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:  # weights and normalize are YAML-only
             options[name] = getattr(args, name)
     run = {k: data.pop(k) for k in RUN_KEYS if k in data}
     for key, value in (("base", args.base), ("specialists", args.specialists), ("output", args.output),
                        ("method", args.method), ("prefix", args.prefix), ("shard_size", args.shard_size),
-                       ("device", args.device), ("spill_dir", args.spill_dir)):
+                       ("device", args.device), ("spill_dir", args.spill_dir),
+                       ("tokenizer_source", args.tokenizer_source)):
         if value is not None:
             run[key] = value
+    if args.no_tokenizer:
+        run["copy_tokenizer"] = False
     for key in CONFIG_FLAGS:
         # --rank-ratio none means None, so that flag is "absent" by default rather than None.
         if key == "rank_ratio":
@@ -160,6 +181,12 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError("need at least 2 specialists: --specialist PATH (repeat) or 'specialists:' in the config")
     if "output" not in run and not args.dry_run:
         raise CommandError("no output folder: give --output DIR or 'output:' in the config")
+    from r2m_fast.hf import check_inputs
+
+    try:  # hub ids not cached, unsupported LoRA adapters: bad input, said before any work
+        check_inputs(run["base"], specialists, run.get("tokenizer_source"))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     config = R2MConfig(**data)
     method = run.get("method", "r2m")
     if method == "r2m" and options:
@@ -347,6 +374,7 @@ def _run(args: argparse.Namespace) -> int:
         method=settings["method"], options=settings["options"], prefix=settings.get("prefix"),
         device=settings.get("device"), shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE,
         force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
+        copy_tokenizer=settings.get("copy_tokenizer", True), tokenizer_source=settings.get("tokenizer_source"),
     )
     if not args.quiet:
         summarize(result)
