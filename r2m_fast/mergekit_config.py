@@ -163,6 +163,8 @@ def translate(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
         base = entries[0][1]
     elif name != "linear":  # mergekit leaves the base out of the task vectors
         entries = [e for e in entries if not _same(e[1], base)]
+    elif not any(_same(e[1], base) for e in entries):  # linear averages the base_model too
+        entries.append(("base_model", base, {}))
     if len(entries) < 2:
         raise ConfigError(f"models: {name} needs at least 2 models besides the base, got {len(entries)}")
 
