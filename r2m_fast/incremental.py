@@ -562,6 +562,10 @@ def _write_files(
                                    state=STATE_DIR, operation=operation)
             run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
             writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
+            from r2m_fast.hf import add_model_files  # config, tokenizer, card: the folder is a model
+
+            report["model_files"] = add_model_files(writer, base, specialists, layout, "r2m", {},
+                                                    yaml.safe_dump(run_cfg, sort_keys=False), prefix=prefix)
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
             writer.commit()
     result.report = report

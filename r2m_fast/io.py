@@ -837,7 +837,7 @@ def merge_checkpoints(
                 run_cfg["tokenizer_source"] = None if tokenizer_source is None else recorded_path(tokenizer_source)
             run_yaml = yaml.safe_dump(run_cfg, sort_keys=False)
             writer.add_text(CONFIG_FILE, run_yaml)
-            report["files"] += add_model_files(writer, base, specialists, layout, method, options, run_yaml,
+            report["model_files"] = add_model_files(writer, base, specialists, layout, method, options, run_yaml,
                                                prefix=prefix, copy_tokenizer=copy_tokenizer,
                                                tokenizer_source=tokenizer_source)
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")

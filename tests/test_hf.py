@@ -90,7 +90,7 @@ def test_output_folder_is_a_model(tmp_path, llama):
     assert front["base_model"] == [str(base)]
     assert all(str(s) in card for s in specialists) and "rank_ratio" in card
     report = json.loads((out / "merge_report.json").read_text())
-    assert {"config.json", "README.md", "tokenizer.json"} <= set(report["files"])
+    assert {"config.json", "README.md", "tokenizer.json"} <= set(report["model_files"])
     _load_and_run(out, torch.float32)
 
 

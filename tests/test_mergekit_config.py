@@ -168,3 +168,19 @@ def test_same_result_as_mergekit_yaml(llama3, name):
         # Both round to fp32 once (mergekit computes in fp32, r2m_fast in fp64): an ulp or two apart.
         torch.testing.assert_close(a[key], b[key], rtol=2e-7, atol=1e-8, msg=key)
     assert json.loads((ours / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_weights_validated(family):
+    import r2m_fast
+
+    with pytest.raises(ValueError, match="option weights: 2 given for 3 specialists"):
+        r2m_fast.merge(family[0], family[1:], method="task_arithmetic", weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="option weights must be a list of numbers"):
+        r2m_fast.merge(family[0], family[1:], method="average", weights=0.5)
+    with pytest.raises(ValueError, match="sum to 0"):
+        r2m_fast.merge(family[0], family[1:], method="average", weights=[1.0, -1.0, 0.0])
+    # Weights of 1 are the unweighted merge, bit for bit.
+    for method in ("average", "task_arithmetic", "ties"):
+        a = r2m_fast.merge(family[0], family[1:], method=method, weights=[1.0, 1.0, 1.0]).state_dict
+        b = r2m_fast.merge(family[0], family[1:], method=method).state_dict
+        assert all(torch.equal(a[k], b[k]) for k in a), method
