@@ -39,7 +39,7 @@ _DEFAULT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True}
 # r2m-merge keys a mergekit YAML may also carry (mergekit-yaml takes them on its command line).
 RUN_KEYS = ("output", "shard_size", "device", "spill_dir")
 _KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-         "tokenizer", "chat_template", "slices", "modules", "name")
+         "tokenizer", "chat_template", "slices", "modules")
 
 
 class ConfigError(ValueError):
