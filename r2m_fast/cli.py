@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML file with the merge (flags override its values); a mergekit "
                    "YAML (one with merge_method:) is read as mergekit reads it")
     p.add_argument("output_dir", nargs="?", metavar="OUTPUT", help="output folder, as mergekit-yaml takes it (= --output)")
+    p.add_argument("--config", dest="config_option", metavar="CONFIG.yaml", help="the YAML file, as a flag")
     io = p.add_argument_group("inputs and output")
     io.add_argument("--base", help="the pretrained model θ₀ (file, folder or cached Hugging Face id org/name)")
     io.add_argument("--specialist", action="append", dest="specialists", metavar="PATH",
@@ -348,6 +349,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.config_option is not None:
+        if args.output_dir is not None or (args.config is not None and args.output is not None):
+            raise CommandError("give the config once: CONFIG.yaml or --config, and the output once")
+        # `--config X.yaml OUT`: the one positional is the output folder.
+        args.config, args.output_dir = args.config_option, args.config
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads: must be ≥ 1, got {args.threads}")
     if args.example is not None:

@@ -182,7 +182,7 @@ def model_card(
     import yaml
 
     meta = {
-        "base_model": [base],
+        "base_model": [base, *specialists],  # the merge's parents, as mergekit lists them
         "base_model_relation": "merge",
         "library_name": "transformers" if has_config else "safetensors",
         "tags": ["merge", "r2m_fast", method],

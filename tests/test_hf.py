@@ -87,7 +87,7 @@ def test_output_folder_is_a_model(tmp_path, llama):
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "transformers" and {"merge", "r2m_fast", "r2m"} <= set(front["tags"])
-    assert front["base_model"] == [str(base)]
+    assert front["base_model"] == [str(base), *map(str, specialists)] and front["base_model_relation"] == "merge"
     assert all(str(s) in card for s in specialists) and "rank_ratio" in card
     report = json.loads((out / "merge_report.json").read_text())
     assert {"config.json", "README.md", "tokenizer.json"} <= set(report["model_files"])

@@ -103,7 +103,7 @@ def test_cli_runs_a_mergekit_yaml(tmp_path, inputs, family):
         "merge_method": "task_arithmetic", "base_model": str(inputs[0]), "parameters": {"lambda": 0.5},
         "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(inputs[1:], (0.2, 0.3, 0.5))],
     }))
-    assert main([str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["--config", str(path), str(tmp_path / "out"), "--quiet"]) == 0
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     for name, base in family[0].items():
         if not base.dtype.is_floating_point:
