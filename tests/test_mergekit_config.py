@@ -145,20 +145,32 @@ def llama3(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", list(PARITY))
+@pytest.mark.parametrize("name", [*PARITY, "lora"])
 def test_same_result_as_mergekit_yaml(llama3, name):
     pytest.importorskip("mergekit")
     root = llama3
     config = root / f"{name}.yaml"
-    data = {**PARITY[name], "dtype": "float32"}
+    if name == "lora":  # mergekit's BASE+ADAPTER syntax: it merges each adapter with PEFT first
+        from hf_models import make_adapter
+
+        make_adapter(root / "base", root / "ad0", root / "full0", seed=1, r=4, lora_alpha=8,
+                     target_modules=["q_proj", "v_proj"])
+        make_adapter(root / "base", root / "ad1", root / "full1", seed=2, r=2, lora_alpha=4,
+                     target_modules=["o_proj", "down_proj"])
+        data = {"merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5, "weight": 1.0},
+                "models": [{"model": "base+ad0"}, {"model": "base+ad1"}]}
+    else:
+        data = PARITY[name]
+    data = {**data, "dtype": "float32"}
     # Absolute paths: mergekit asks the Hub about relative names that exist locally.
-    data["models"] = [{**m, "model": str(root / m["model"])} for m in data["models"]]
+    data["models"] = [{**m, "model": "+".join(str(root / p) for p in m["model"].split("+"))} for m in data["models"]]
     if "base_model" in data:
         data["base_model"] = str(root / data["base_model"])
     config.write_text(yaml.safe_dump(data))
     theirs, ours = root / f"mergekit_{name}", root / f"r2m_{name}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(theirs), "--quiet"],
+    proc = subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(theirs), "--quiet",
+                           "--lora-merge-cache", str(root / "lora_cache")],
                           cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert main([str(config), str(ours), "--quiet"]) == 0
