@@ -42,7 +42,9 @@ def merge(
             of pass 2); the report gains ``spill_bytes`` (written in all, ≈ 3·rank_ratio·N×) and
             ``spill_peak_bytes``. None (default): keep them in memory.
         overrides: R2MConfig fields for "r2m"; the method's options otherwise
-            (task_arithmetic: scaling=0.3; ties: density=0.2, scaling=1.0; tsvm: scaling=1.0).
+            (task_arithmetic: scaling=0.3; ties: density=0.2, scaling=1.0; tsvm: scaling=1.0;
+            average, task_arithmetic and ties also weights=[w₁, …, w_N] and normalize, as
+            mergekit's weight and normalize — see r2m_fast.baselines).
             An unknown name raises ValueError naming it.
 
     Returns:

@@ -4,10 +4,14 @@ Every baseline is local to a tensor, so each reads one parameter of the N+1 mode
 hands it to the sink before reading the next: the memory bound and the writer are R²M's.
 
     average          θ* = (1/N) Σᵢ θᵢ                                   (= θ₀ + τ̄)
-    task_arithmetic  θ* = θ₀ + λ Σᵢ τᵢ                                   (Ilharco et al. 2023; λ "scaling")
+                     with weights: Σᵢ wᵢθᵢ / Σᵢ wᵢ (mergekit's "linear"; normalize=False: Σᵢ wᵢθᵢ)
+    task_arithmetic  θ* = θ₀ + λ Σᵢ wᵢτᵢ                                 (Ilharco et al. 2023; λ "scaling";
+                     weights 1 by default; normalize=True divides by Σᵢ wᵢ)
     ties             θ* = θ₀ + λ · disjoint_mean(sign_elect(trim_k(τᵢ)))  (Yadav et al. 2023, mergekit's
                      "ties": per task keep the top ⌊density·P⌋ entries of |τᵢ|; elected sign = sign of
-                     the sum of the trimmed τᵢ (≥ 0 → +); mean over the tasks that agree with it)
+                     the sum of the trimmed τᵢ (≥ 0 → +); mean over the tasks that agree with it;
+                     with weights, as mergekit: wᵢ·trimmed τᵢ elect the sign, and the agreeing
+                     entries' sum is divided by their weights' sum (not at all with normalize=False))
     tsvm             TSV-M (Gargiulo et al., CVPR 2025): per 2-D weight, each task keeps its top
                      ⌊min(m, n)/N⌋ singular triplets; the concatenated U and V are orthogonalized
                      by their polar factors (U⊥ = P Qᵀ from the SVD U = P S Qᵀ), merged τ = U⊥ Σ V⊥ᵀ;

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned specialists of one base model by R²M (or a baseline), streaming "
         "one layer at a time. Inputs: .safetensors, Hugging Face folders, .pt/.pth/.bin state dicts.",
         epilog="YAML keys: base, specialists, output, method, any R2MConfig field (rank_ratio, alpha, "
-        "k_real, ...), method options (scaling, density), prefix, shard_size, device, spill_dir. Flags override it. "
+        "k_real, ...), method options (scaling, density, weights, normalize), prefix, shard_size, device, spill_dir, "
+        "tokenizer_source, copy_tokenizer. Flags override it. A mergekit YAML (merge_method:, base_model:, models:) "
+        "is read with mergekit's semantics and defaults. "
         "Incremental re-merges: `r2m-merge add --state DIR --specialist PATH` and "
         "`r2m-merge remove --state DIR (--specialist PATH | --index I)` on a merge run with --save-state.",
     )
