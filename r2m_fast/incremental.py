@@ -78,7 +78,9 @@ def fingerprint(path: PathLike) -> dict[str, Any]:
     """Sizes and a sampled blake2b of a checkpoint's weight files: cheap (≤ 1 MiB read per file), so
     an add can refuse changed inputs before reading them. A change that keeps the size and misses
     every sample is still caught by the Gram check during the re-merge (see GRAM_RTOL)."""
-    path = Path(path)
+    from r2m_fast.hf import resolve_model
+
+    path = resolve_model(path)  # a repo id: its cached snapshot
     if path.is_dir():
         files = sorted(
             p for p in path.iterdir()
@@ -530,8 +532,10 @@ def _run_remove(source: LayerSource, state: IncrementalState, index: int, config
 
 
 def _records(base: PathLike, specialists: Sequence[PathLike]) -> tuple[ModelRecord, list[ModelRecord]]:
-    return (ModelRecord(os.path.abspath(base), fingerprint(base)),
-            [ModelRecord(os.path.abspath(s), fingerprint(s)) for s in specialists])
+    from r2m_fast.hf import recorded_path
+
+    return (ModelRecord(recorded_path(base), fingerprint(base)),
+            [ModelRecord(recorded_path(s), fingerprint(s)) for s in specialists])
 
 
 def _write_files(
