@@ -9,9 +9,8 @@ and alpha from ``rank_pattern``/``alpha_pattern`` (matched as PEFT matches them)
 tensor is the base's.
 
 Nothing is merged ahead: ``get(name)`` reads the base tensor and that module's two factors and
-returns the sum, rounded as PEFT rounds it (the delta cast to the weight's dtype, then added), so a
-merge of adapters equals the merge of their ``merge_and_unload()`` models and holds one layer at a
-time like any other input.
+returns the sum, rounded as PEFT's merge_and_unload() rounds it, so a merge of adapters equals the
+merge of their ``merge_and_unload()`` models and holds one layer at a time like any other input.
 
 Refused with a MergeInputError naming the adapter file and the key: other PEFT types (``peft_type``),
 DoRA (``use_dora``), LoRA biases (``lora_bias``), convolution LoRA, and options that change the
@@ -158,7 +157,7 @@ class LoraCheckpoint(Checkpoint):
                     raise MergeInputError(f"{file}: tensor {key!r} has shape {tuple(shape)}, the base's {target!r} "
                                           f"{tuple(self.specs[names[target]][0])}")
                 self._full[names[target]] = key
-            self._lora: dict[str, tuple[str, str, float, bool]] = {}  # merge name → (A, B, scaling, transpose)
+            self._lora: dict[str, tuple[str, str, float, bool]] = {}  # merge name → (A, B, scaling, embedding)
             for module, pair in factors.items():
                 self._add_module(module, pair, config, names, file, prefix)
         except BaseException:
@@ -196,7 +195,7 @@ class LoraCheckpoint(Checkpoint):
                                   f"{base_shape}" + ("" if transpose else " (fan_in_fan_out?)"))
         if not self.specs[name][1].is_floating_point:
             raise MergeInputError(f"{file}: tensor {a_key!r} adapts {target!r}, which is not floating point")
-        self._lora[name] = (a_key, b_key, scaling, transpose)
+        self._lora[name] = (a_key, b_key, scaling, embedding)
 
     def key(self, name: str) -> str:
         assert self.base is not None
@@ -215,14 +214,16 @@ class LoraCheckpoint(Checkpoint):
             weight = self.base.get(name)
         if name not in self._lora:
             return weight
-        a_key, b_key, scaling, transpose = self._lora[name]
-        # As PEFT's get_delta_weight on CPU: factors in fp32, B·A, transposed, scaled, then cast to
-        # the weight's dtype and added in it (merge_and_unload's rounding, bit for bit).
+        a_key, b_key, scaling, embedding = self._lora[name]
+        # As merge_and_unload() computes it, bit for bit: PEFT holds the factors in fp32 (it upcasts
+        # bf16/fp16 adapters on load), forms (B·A)ᵀ·s in fp32, and adds that to a Linear's weight
+        # in place (fp32 arithmetic, one rounding to the weight's dtype) but casts it to the weight's
+        # dtype first for an Embedding.
         delta = self._weights.get(b_key).float() @ self._weights.get(a_key).float()
-        if transpose:
+        if embedding or self.fan_in_fan_out:
             delta = delta.T
         delta = delta * scaling
-        return weight.add_(delta.to(weight.dtype)) if weight.is_floating_point() else weight
+        return weight.add_(delta.to(weight.dtype) if embedding else delta)
 
     def close(self) -> None:
         self._weights.close()

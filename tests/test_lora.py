@@ -67,6 +67,22 @@ def test_each_tensor_equals_merge_and_unload(llama):
     ckpt.close()
 
 
+def test_bf16_model_as_peft_merges_it(tmp_path):
+    """A bf16 base: a linear weight gets one rounding (PEFT adds the fp32 delta in place), an
+    embedding two (PEFT casts its delta first); both ways of merging with PEFT agree with get()."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base, _ = build_llama_family(tmp_path, n=0, dtype=torch.bfloat16)
+    make_adapter(base, tmp_path / "ad", tmp_path / "full", seed=4, r=4, lora_alpha=8,
+                 target_modules=["q_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    _assert_same_model(tmp_path / "ad", base, tmp_path / "full")
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16),
+                                      str(tmp_path / "ad"))
+    model.merge_and_unload().save_pretrained(str(tmp_path / "full2"))
+    _assert_same_model(tmp_path / "ad", base, tmp_path / "full2")
+
+
 def test_pattern_matching_as_peft():
     patterns = {"v_proj": 2, "layers.1.self_attn.q_proj": 3}
     assert pattern_value(patterns, "model.layers.0.self_attn.v_proj", 8) == 2
