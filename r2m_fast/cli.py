@@ -143,7 +143,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
     if mergekit_config.is_mergekit(data):
         try:
-            data = mergekit_config.translate(data, args.config)
+            data = mergekit_config.translate(data)
         except ValueError as exc:
             raise CommandError(f"{args.config}: {exc}") from None
     if args.output_dir is not None:

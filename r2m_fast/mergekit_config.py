@@ -78,12 +78,11 @@ def _model_path(value: Any, key: str) -> str:
 
 
 def _scalar(value: Any, key: str) -> Any:
-    if isinstance(value, list):
-        if value and all(isinstance(v, dict) for v in value) or isinstance(value, dict):
-            raise ConfigError(f"{key}: conditional values (filter:) are not supported; give one number")
-        raise ConfigError(f"{key}: gradients (a list of values across layers) are not supported; give one number")
-    if isinstance(value, dict):
+    """A parameter's one value; mergekit's per-tensor forms (filters, gradients) are refused."""
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
         raise ConfigError(f"{key}: conditional values (filter:) are not supported; give one number")
+    if isinstance(value, list):
+        raise ConfigError(f"{key}: gradients (a list of values across layers) are not supported; give one number")
     return value
 
 
@@ -113,7 +112,7 @@ def _same(a: str, b: str) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-def translate(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+def translate(data: dict[str, Any]) -> dict[str, Any]:
     """r2m-merge settings (base, specialists, method, options, R2MConfig fields, tokenizer_source,
     and any RUN_KEYS given) from a parsed mergekit YAML. Raises ConfigError naming the key."""
     unknown = sorted(set(data) - set(_KEYS) - set(RUN_KEYS))
