@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Optional
 
 from r2m_fast.config import R2MConfig, parse_dtype
@@ -101,8 +102,6 @@ def _bool(value: Any, key: str) -> bool:
 
 
 def _same(a: str, b: str) -> bool:
-    import os
-
     from r2m_fast.hf import looks_like_repo_id
 
     if a == b:
@@ -124,7 +123,7 @@ def translate(data: dict[str, Any]) -> dict[str, Any]:
         if data.get(key) is not None:
             raise ConfigError(f"{key}: {what} are not supported; use models: and tokenizer_source")
     name = data["merge_method"]
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"merge_method: {name!r} is not supported; r2m-merge reads {', '.join(METHODS)}")
     models = data.get("models")
     if not isinstance(models, list) or not models:

@@ -59,6 +59,7 @@ def test_models_weights_and_base():
 @pytest.mark.parametrize("data,key", [
     (_cfg(slices=[{"sources": []}], models=None), "slices"),
     (_cfg("dare_ties"), "merge_method"),
+    (_cfg(["ties"]), "merge_method"),
     (_cfg(models=[{"model": "x", "parameters": {"weight": [0, 1]}}, {"model": "y"}]), "models[0].parameters.weight"),
     (_cfg(models=[{"model": "x", "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 1}]}},
                   {"model": "y"}]), "models[0].parameters.density"),
