@@ -50,9 +50,13 @@ _UNSUPPORTED = {
 
 
 def is_adapter(path: PathLike) -> bool:
-    """True for a folder holding a PEFT adapter (adapter_config.json)."""
+    """True for a folder holding a PEFT adapter (adapter_config.json) and no full model weights
+    (a folder with both is read as the full model it holds)."""
+    from r2m_fast.io import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+
     path = Path(path)
-    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+    return (path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+            and not any((path / name).exists() for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE)))
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

@@ -175,6 +175,16 @@ def test_dora_tensors_refused(tmp_path, llama, capsys):
     assert code == 2 and "adapter_model.safetensors" in err and "lora_magnitude_vector" in err
 
 
+def test_folder_with_full_weights_is_the_full_model(tmp_path, llama):
+    from r2m_fast.lora import is_adapter
+
+    base, adapters, merged = llama
+    both = _edit_config(adapters[0], tmp_path / "both")
+    assert is_adapter(both)
+    (both / "model.safetensors").write_bytes((merged[0] / "model.safetensors").read_bytes())
+    assert not is_adapter(both)
+
+
 def test_adapter_as_base_or_for_another_model(tmp_path, llama, inputs):
     base, adapters, merged = llama
     with pytest.raises(MergeInputError, match="base must be a full model"):
