@@ -317,7 +317,9 @@ def merge_files_distributed(
             layout_all = output_layout(specs, config.out_dtype)
             if len(final) > 1:
                 total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in layout_all)
-                index = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n, _, _ in layout_all}}
+                params = sum(torch.Size(s).numel() for _, s, _ in layout_all)
+                index = {"metadata": {"total_parameters": params, "total_size": total},
+                         "weight_map": {n: weight_map[n] for n, _, _ in layout_all}}
                 (tmp_root / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             report = output_report(result, base, specialists, output, prefix, final, started, t0)
             run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)

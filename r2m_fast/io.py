@@ -652,7 +652,9 @@ class ShardedSafetensorsWriter:
         assert self.tmp is not None
         if len(self.shards) > 1:
             index = {
-                "metadata": {"total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
+                # transformers 5 writes total_parameters beside total_size
+                "metadata": {"total_parameters": sum(math.prod(s) for _, s, _ in self.layout),
+                             "total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
                 "weight_map": {
                     name: file for shard, file in zip(self.shards, self.files) for name, _, _ in shard
                 },

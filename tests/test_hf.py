@@ -77,7 +77,8 @@ def test_output_folder_is_a_model(tmp_path, llama):
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index) == {"metadata", "weight_map"} and set(index["weight_map"].values()) == set(shards)
-    assert index["metadata"]["total_size"] == sum(t.nbytes for t in _weights(out).values())
+    assert index["metadata"] == {"total_size": sum(t.nbytes for t in _weights(out).values()),
+                                 "total_parameters": sum(t.numel() for t in _weights(out).values())}
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"):
         assert name in names
     assert (out / "generation_config.json").read_bytes() == (base / "generation_config.json").read_bytes()
