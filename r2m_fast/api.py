@@ -46,7 +46,9 @@ def merge(
             of pass 2); the report gains ``spill_bytes`` (written in all, ≈ 3·rank_ratio·N×) and
             ``spill_peak_bytes``. None (default): keep them in memory.
         overrides: R2MConfig fields for "r2m"; the method's options otherwise
-            (task_arithmetic: scaling=0.3; ties: density=0.2, scaling=1.0; tsvm: scaling=1.0).
+            (task_arithmetic: scaling=0.3; ties: density=0.2, scaling=1.0; tsvm: scaling=1.0;
+            average, task_arithmetic and ties also weights=[w₁, …, w_N] and normalize, as
+            mergekit's weight and normalize — see r2m_fast.baselines).
             An unknown name raises ValueError naming it.
 
     Returns:
@@ -82,15 +84,24 @@ def merge_files(
     progress: bool = False,
     spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
     allow_safe_globals: bool = False,
+    copy_tokenizer: bool = True,
+    tokenizer_source: Optional[Union[str, "os.PathLike[str]"]] = None,
 ) -> MergeResult:
     """Merge checkpoints on disk into the folder `output`, streaming one layer at a time.
 
     Inputs are .safetensors files, Hugging Face style folders, or .pt/.pth/.bin state dicts (see
-    r2m_fast.io). The output folder gets model.safetensors (or shards and an index), the config it
-    ran with (merge_config.yaml) and a report (merge_report.json); it appears only when complete,
-    and an existing one is replaced only with ``force=True``. The returned MergeResult has an
-    empty state_dict (the tensors went to disk) and the report that was written. `spill_dir`: as
-    for merge (keep R²M's between-pass tensors on disk there, so memory does not grow with the model).
+    r2m_fast.io), Hugging Face repo ids (``org/name``) found in the local cache (r2m_fast.hf), and,
+    as specialists, PEFT LoRA adapter folders (materialized on the base one layer at a time;
+    r2m_fast.lora). The output folder gets model.safetensors (or shards and an index), the config it
+    ran with (merge_config.yaml), a report (merge_report.json), a README.md model card and, when the
+    base is a Hugging Face model folder, its config.json (dtype set to the output's),
+    generation_config.json and tokenizer files (from `tokenizer_source` instead when given; none
+    with ``copy_tokenizer=False``), so that ``from_pretrained(output)`` loads it. It appears only
+    when complete, and an existing one is replaced only with ``force=True``. The returned
+    MergeResult has an empty state_dict (the tensors went to disk) and the report that was written.
+    `spill_dir`: as for merge (keep R²M's between-pass tensors on disk there, so memory does not
+    grow with the model). `options`: the method's (task_arithmetic: scaling, weights, normalize;
+    ties: density, scaling, weights, normalize; average: weights, normalize; tsvm: scaling).
     Pickled inputs load with torch.load(weights_only=True); ``allow_safe_globals=True`` also accepts
     numpy scalars, dtypes and arrays and argparse.Namespace in them (nothing else). Before pass 1 the
     output's filesystem must have room for it, and temporary folders left beside `output` by killed
@@ -102,4 +113,5 @@ def merge_files(
         base, specialists, output, config or R2MConfig(), method=method, options=options or {}, prefix=prefix,
         device=device, shard_size=shard_size, force=force, progress=progress, spill_dir=spill_dir,
         allow_safe_globals=allow_safe_globals,
+        copy_tokenizer=copy_tokenizer, tokenizer_source=tokenizer_source,
     )

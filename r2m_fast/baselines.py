@@ -4,10 +4,14 @@ Every baseline is local to a tensor, so each reads one parameter of the N+1 mode
 hands it to the sink before reading the next: the memory bound and the writer are R²M's.
 
     average          θ* = (1/N) Σᵢ θᵢ                                   (= θ₀ + τ̄)
-    task_arithmetic  θ* = θ₀ + λ Σᵢ τᵢ                                   (Ilharco et al. 2023; λ "scaling")
+                     with weights: Σᵢ wᵢθᵢ / Σᵢ wᵢ (mergekit's "linear"; normalize=False: Σᵢ wᵢθᵢ)
+    task_arithmetic  θ* = θ₀ + λ Σᵢ wᵢτᵢ                                 (Ilharco et al. 2023; λ "scaling";
+                     weights 1 by default; normalize=True divides by Σᵢ wᵢ)
     ties             θ* = θ₀ + λ · disjoint_mean(sign_elect(trim_k(τᵢ)))  (Yadav et al. 2023, mergekit's
                      "ties": per task keep the top ⌊density·P⌋ entries of |τᵢ|; elected sign = sign of
-                     the sum of the trimmed τᵢ (≥ 0 → +); mean over the tasks that agree with it)
+                     the sum of the trimmed τᵢ (≥ 0 → +); mean over the tasks that agree with it;
+                     with weights, as mergekit: wᵢ·trimmed τᵢ elect the sign, and the agreeing
+                     entries' sum is divided by their weights' sum (not at all with normalize=False))
     tsvm             TSV-M (Gargiulo et al., CVPR 2025): per weight matrix (a conv kernel
                      (out, in, kh, kw) as the (out, in·kh·kw) matrix, as R²M), each task keeps its top
                      ⌊min(m, n)/N⌋ singular triplets; the concatenated U and V are orthogonalized
@@ -24,7 +28,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -35,20 +39,31 @@ from r2m_fast.result import MergeResult
 Sink = Callable[[str, torch.Tensor], None]
 
 
+# Per-model weights (mergekit's `weight`): None is 1 for every specialist. `normalize` divides by
+# their sum as mergekit does (linear: Σwᵢθᵢ/Σwᵢ; task_arithmetic: by Σwᵢ; ties: by the sum of the
+# weights that agree with the elected sign, per entry).
+Weights = Optional[tuple[float, ...]]
+
+
 @dataclass(frozen=True)
 class AverageOptions:
-    pass
+    weights: Weights = None
+    normalize: bool = True
 
 
 @dataclass(frozen=True)
 class TaskArithmeticOptions:
     scaling: float = 0.3  # λ
+    weights: Weights = None
+    normalize: bool = False
 
 
 @dataclass(frozen=True)
 class TiesOptions:
-    density: float = 0.2  # fraction of entries of each τᵢ kept per tensor
+    density: Union[float, tuple[float, ...]] = 0.2  # fraction of entries of each τᵢ kept per tensor (or one per model)
     scaling: float = 1.0  # λ
+    weights: Weights = None
+    normalize: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,12 +99,33 @@ def method_options(method: str, options: Optional[Mapping[str, Any]] = None) -> 
         raise ValueError(
             f"method {method!r}: unknown option(s) {', '.join(unknown)}; it takes {', '.join(sorted(known)) or 'none'}"
         )
+    values: dict[str, Any] = {}
     for name, value in options.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"method {method!r}: option {name} must be a finite number, got {value!r}")
-    if "density" in options and not 0.0 < float(options["density"]) <= 1.0:
-        raise ValueError(f"method {method!r}: option density must be in (0, 1], got {options['density']!r}")
-    return cls(**{k: float(v) for k, v in options.items()})
+        if name == "normalize":
+            if not isinstance(value, bool):
+                raise ValueError(f"method {method!r}: option normalize must be true or false, got {value!r}")
+            values[name] = value
+            continue
+        many = name == "weights" or (name == "density" and isinstance(value, (list, tuple)))
+        items = value if many and isinstance(value, (list, tuple)) else [value] if not many else None
+        if items is None or (many and not items) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in items):
+            what = "a list of numbers, one per specialist" if many else "a number"
+            raise ValueError(f"method {method!r}: option {name} must be {what}, got {value!r}")
+        if name == "density" and not all(0.0 < float(v) <= 1.0 for v in items):
+            raise ValueError(f"method {method!r}: option density must be in (0, 1], got {value!r}")
+        values[name] = tuple(float(v) for v in items) if many else float(value)
+    return cls(**values)
+
+
+def _model_weights(options: Any, n: int, work: torch.dtype) -> Optional[torch.Tensor]:
+    """The per-model weights as an (n,) tensor, or None when not given (all 1)."""
+    weights = getattr(options, "weights", None)
+    if weights is None:
+        return None
+    if len(weights) != n:
+        raise ValueError(f"option weights: {len(weights)} given for {n} specialists")
+    return torch.tensor(weights, dtype=work)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,16 +138,38 @@ def _task_vectors(tensors: list[torch.Tensor], work: torch.dtype) -> tuple[torch
     return base, torch.stack([t.to(work) - base for t in tensors[1:]])
 
 
+def _per_model(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return weights.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
 def merge_average(base: torch.Tensor, taus: torch.Tensor, options: AverageOptions) -> torch.Tensor:
-    return base + taus.mean(0)
+    w = _model_weights(options, taus.shape[0], taus.dtype)
+    if w is None:
+        return base + taus.mean(0)
+    # Σwᵢθᵢ (/Σwᵢ) written with θᵢ = θ₀ + τᵢ.
+    total = float(w.sum())
+    if options.normalize and total == 0:
+        raise ValueError("option weights: they sum to 0, so normalize cannot divide by their sum")
+    divisor = total if options.normalize else 1.0
+    return base * (total / divisor) + (_per_model(w, taus) * taus).sum(0) / divisor
 
 
 def merge_task_arithmetic(base: torch.Tensor, taus: torch.Tensor, options: TaskArithmeticOptions) -> torch.Tensor:
-    return base + options.scaling * taus.sum(0)
+    w = _model_weights(options, taus.shape[0], taus.dtype)
+    mixed = taus.sum(0) if w is None else (_per_model(w, taus) * taus).sum(0)
+    if options.normalize:
+        total = float(w.sum()) if w is not None else float(taus.shape[0])
+        mixed = mixed / (total if abs(total) >= 1e-8 else 1.0)  # mergekit's guard
+    return base + options.scaling * mixed
 
 
-def ties_trim(taus: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = ⌊density·P⌋ largest |τᵢ| entries of each task (at least one), zero the rest."""
+def ties_trim(taus: torch.Tensor, density: Union[float, tuple[float, ...]]) -> torch.Tensor:
+    """Keep the k = ⌊density·P⌋ largest |τᵢ| entries of each task (at least one), zero the rest;
+    `density` is one fraction for every task or one per task."""
+    if isinstance(density, tuple):
+        if len(density) != taus.shape[0]:
+            raise ValueError(f"option density: {len(density)} given for {taus.shape[0]} specialists")
+        return torch.stack([ties_trim(t[None], d)[0] for t, d in zip(taus, density)])
     flat = taus.reshape(taus.shape[0], -1)
     numel = flat.shape[1]
     if density >= 1.0 or numel == 0:
@@ -124,10 +182,15 @@ def ties_trim(taus: torch.Tensor, density: float) -> torch.Tensor:
 
 def merge_ties(base: torch.Tensor, taus: torch.Tensor, options: TiesOptions) -> torch.Tensor:
     trimmed = ties_trim(taus, options.density)
+    w = _model_weights(options, taus.shape[0], taus.dtype)
+    if w is not None:  # mergekit weighs the trimmed task vectors before electing signs
+        trimmed = _per_model(w, trimmed) * trimmed
     elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(trimmed.dtype)  # sign by total mass
     agree = (torch.sign(trimmed) == elected).to(trimmed.dtype)   # zero entries agree with nothing
-    count = agree.sum(0)
-    mixed = (trimmed * agree).sum(0) / torch.where(count == 0, 1.0, count)
+    mixed = (trimmed * agree).sum(0)
+    if options.normalize:
+        count = agree.sum(0) if w is None else (_per_model(w, agree) * agree).sum(0)
+        mixed = mixed / torch.where(count == 0, 1.0, count)
     return base + options.scaling * mixed
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 PROG = "r2m-merge"
 # YAML keys that are not R2MConfig fields or method options.
 RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device", "spill_dir",
-            "allow_safe_globals")
+            "allow_safe_globals", "tokenizer_source", "copy_tokenizer")
 # The methods, for --help and argparse's choices (r2m_fast.baselines.METHODS, which imports torch).
 METHOD_NAMES = ("r2m", "average", "task_arithmetic", "ties", "tsvm")
 # Rough rates for the --dry-run time estimate; the estimate says which it assumed.
@@ -107,15 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned specialists of one base model by R²M (or a baseline), streaming "
         "one layer at a time. Inputs: .safetensors, Hugging Face folders, .pt/.pth/.bin state dicts.",
         epilog="YAML keys: base, specialists, output, method, any R2MConfig field (rank_ratio, alpha, "
-        "k_real, ...), method options (scaling, density), prefix, shard_size, device, spill_dir. Flags override it. "
+        "k_real, ...), method options (scaling, density, weights, normalize), prefix, shard_size, device, spill_dir, "
+        "tokenizer_source, copy_tokenizer. Flags override it. A mergekit YAML (merge_method:, base_model:, models:) "
+        "is read with mergekit's semantics and defaults. "
         "Incremental re-merges: `r2m-merge add --state DIR --specialist PATH` and "
         "`r2m-merge remove --state DIR (--specialist PATH | --index I)` on a merge run with --save-state.",
     )
-    p.add_argument("config", nargs="?", help="YAML file with the merge (flags override its values)")
+    p.add_argument("config", nargs="?", help="YAML file with the merge (flags override its values); a mergekit "
+                   "YAML (one with merge_method:) is read as mergekit reads it")
+    p.add_argument("output_dir", nargs="?", metavar="OUTPUT", help="output folder, as mergekit-yaml takes it (= --output)")
+    p.add_argument("--config", dest="config_option", metavar="CONFIG.yaml", help="the YAML file, as a flag")
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--base", help="the pretrained model θ₀")
+    io.add_argument("--base", help="the pretrained model θ₀ (file, folder or cached Hugging Face id org/name)")
     io.add_argument("--specialist", action="append", dest="specialists", metavar="PATH",
-                    help="a fine-tuned model (repeat, at least twice)")
+                    help="a fine-tuned model or a PEFT LoRA adapter folder (repeat, at least twice)")
+    io.add_argument("--tokenizer-source", metavar="PATH",
+                    help="copy the tokenizer files from this model instead of the base (same vocabulary)")
+    io.add_argument("--no-tokenizer", "--no-copy-tokenizer", action="store_true", dest="no_tokenizer",
+                    help="write no tokenizer files into the output")
     io.add_argument("--save-state", action="store_true",
                     help="also save the merge state (Grams, sketches) in OUTPUT/r2m_state for `r2m-merge add/remove`")
     io.add_argument("--output", help="output folder (written atomically)")
@@ -210,8 +219,12 @@ def _check_yaml_types(path: str, data: dict[str, Any]) -> None:
              "shard_size", "a size such as 5GB or a number of bytes")
     if "options" in data and data["options"] is not None:
         need(isinstance(data["options"], dict), "options", "a mapping of option names to numbers")
-    if "allow_safe_globals" in data:
-        need(isinstance(data["allow_safe_globals"], bool), "allow_safe_globals", "true or false")
+    for key in ("allow_safe_globals", "copy_tokenizer"):
+        if key in data:
+            need(isinstance(data[key], bool), key, "true or false")
+    if "tokenizer_source" in data:
+        need(isinstance(data["tokenizer_source"], str) and data["tokenizer_source"] != "", "tokenizer_source",
+             "a non-empty string")
     if isinstance(data.get("rank_ratio"), str) and data["rank_ratio"].strip().lower() in ("none", "off"):
         data["rank_ratio"] = None
 
@@ -228,6 +241,17 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
     data = load_yaml(args.config) if args.config else {}
     where = f"{args.config}: " if args.config else ""
+    from r2m_fast import mergekit_config
+
+    if mergekit_config.is_mergekit(data):
+        try:
+            data = mergekit_config.translate(data)
+        except ValueError as exc:
+            raise CommandError(f"{args.config}: {exc}") from None
+    if args.output_dir is not None:
+        if args.output is not None:
+            raise CommandError("give the output folder once: OUTPUT or --output")
+        args.output = args.output_dir
     fields = {f.name for f in dataclasses.fields(R2MConfig)}
     unknown = sorted(set(data) - fields - set(RUN_KEYS) - set(OPTION_NAMES))
     if unknown:
@@ -237,15 +261,18 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     options = dict(data.pop("options", None) or {})
     options.update({k: data.pop(k) for k in OPTION_NAMES if k in data})
     for name in OPTION_NAMES:
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:  # weights and normalize are YAML-only
             options[name] = getattr(args, name)
     run = {k: data.pop(k) for k in RUN_KEYS if k in data}
     for key, value in (("base", args.base), ("specialists", args.specialists), ("output", args.output),
                        ("method", args.method), ("prefix", args.prefix), ("shard_size", args.shard_size),
                        ("device", args.device), ("spill_dir", args.spill_dir),
-                       ("allow_safe_globals", args.allow_safe_globals)):
+                       ("allow_safe_globals", args.allow_safe_globals),
+                       ("tokenizer_source", args.tokenizer_source)):
         if value is not None:
             run[key] = value
+    if args.no_tokenizer:
+        run["copy_tokenizer"] = False
     from_flags = set()
     for key in CONFIG_FLAGS:
         # --rank-ratio none means None, so that flag is "absent" by default rather than None.
@@ -265,6 +292,12 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError("need at least 2 specialists: --specialist PATH (repeat) or 'specialists:' in the config")
     if "output" not in run and not args.dry_run:
         raise CommandError("no output folder: give --output DIR or 'output:' in the config")
+    from r2m_fast.hf import check_inputs
+
+    try:  # hub ids not cached, unsupported LoRA adapters: bad input, said before any work
+        check_inputs(run["base"], specialists, run.get("tokenizer_source"))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     try:
         config = R2MConfig(**data)
     except (ValueError, TypeError) as exc:  # R2MConfig's messages start with the field's name
@@ -461,6 +494,11 @@ def _main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.config_option is not None:
+        if args.output_dir is not None or (args.config is not None and args.output is not None):
+            raise CommandError("give the config once: CONFIG.yaml or --config, and the output once")
+        # `--config X.yaml OUT`: the one positional is the output folder.
+        args.config, args.output_dir = args.config_option, args.config
     if args.example is not None:
         from r2m_fast.example import run_example
         from r2m_fast.safety import DeviceUnavailable, check_device
@@ -492,6 +530,7 @@ def _run(args: argparse.Namespace) -> int:
         device=settings.get("device"), shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE,
         force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
         allow_safe_globals=bool(settings.get("allow_safe_globals")),
+        copy_tokenizer=settings.get("copy_tokenizer", True), tokenizer_source=settings.get("tokenizer_source"),
     )
     if not args.quiet:
         summarize(result)

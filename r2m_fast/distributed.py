@@ -217,6 +217,19 @@ def _shard_names(total: int) -> list[str]:
     return [SAFETENSORS_SINGLE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
 
 
+class _FolderWriter:
+    """add_text/add_file straight into a folder (rank 0's temporary output, moved into place whole)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def add_text(self, filename: str, text: str) -> None:
+        (self.folder / filename).write_text(text)
+
+    def add_file(self, filename: str, source: PathLike) -> None:
+        shutil.copyfile(source, self.folder / filename)
+
+
 def merge_files_distributed(
     base: PathLike,
     specialists: Sequence[PathLike],
@@ -240,6 +253,8 @@ def merge_files_distributed(
         CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX, FileSource, ShardedSafetensorsWriter, check_output_apart,
         output_layout, output_report, run_config_dict,
     )
+    from r2m_fast.hf import add_model_files
+    from r2m_fast.io import _umask
     from r2m_fast.plan import build_plan
 
     config = config or R2MConfig()
@@ -303,13 +318,18 @@ def merge_files_distributed(
             layout_all = output_layout(specs, config.out_dtype)
             if len(final) > 1:
                 total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in layout_all)
-                index = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n, _, _ in layout_all}}
+                params = sum(torch.Size(s).numel() for _, s, _ in layout_all)
+                index = {"metadata": {"total_parameters": params, "total_size": total},
+                         "weight_map": {n: weight_map[n] for n, _, _ in layout_all}}
                 (tmp_root / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             report = output_report(result, base, specialists, output, prefix, final, started, t0)
             run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
             run_cfg["nproc"] = comm.world
             (tmp_root / CONFIG_FILE).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+            report["model_files"] = add_model_files(_FolderWriter(tmp_root), base, specialists, layout_all, "r2m", {},
+                                                    yaml.safe_dump(run_cfg, sort_keys=False), prefix=prefix)
             (tmp_root / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            os.chmod(tmp_root, 0o777 & ~_umask())  # a model folder's mode, not mkdtemp's 0700
             if out.exists():
                 if not force:
                     raise FileExistsError(f"{out}: output appeared during the merge; pass --force to replace it")

@@ -80,7 +80,9 @@ def fingerprint(path: PathLike) -> dict[str, Any]:
     """Sizes and a sampled blake2b of a checkpoint's weight files: cheap (≤ 1 MiB read per file), so
     an add can refuse changed inputs before reading them. A change that keeps the size and misses
     every sample is still caught by the Gram check during the re-merge (see GRAM_RTOL)."""
-    path = Path(path)
+    from r2m_fast.hf import resolve_model
+
+    path = resolve_model(path)  # a repo id: its cached snapshot
     if path.is_dir():
         files = sorted(
             p for p in path.iterdir()
@@ -532,8 +534,10 @@ def _run_remove(source: LayerSource, state: IncrementalState, index: int, config
 
 
 def _records(base: PathLike, specialists: Sequence[PathLike]) -> tuple[ModelRecord, list[ModelRecord]]:
-    return (ModelRecord(os.path.abspath(base), fingerprint(base)),
-            [ModelRecord(os.path.abspath(s), fingerprint(s)) for s in specialists])
+    from r2m_fast.hf import recorded_path
+
+    return (ModelRecord(recorded_path(base), fingerprint(base)),
+            [ModelRecord(recorded_path(s), fingerprint(s)) for s in specialists])
 
 
 def _write_files(
@@ -564,6 +568,10 @@ def _write_files(
                                    state=STATE_DIR, operation=operation)
             run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
             writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
+            from r2m_fast.hf import add_model_files  # config, tokenizer, card: the folder is a model
+
+            report["model_files"] = add_model_files(writer, base, specialists, layout, "r2m", {},
+                                                    yaml.safe_dump(run_cfg, sort_keys=False), prefix=prefix)
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
             writer.commit()
     result.report = report

@@ -446,8 +446,10 @@ class FileSource:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._checkpoints: list[Checkpoint] = []
         try:
-            for path in self.paths:
-                self._checkpoints.append(open_checkpoint(path, prefix))
+            from r2m_fast.hf import open_input
+
+            for i, path in enumerate(self.paths):  # specialists may be LoRA adapters on the base
+                self._checkpoints.append(open_input(path, prefix, base=self.paths[0] if i else None))
             specs = [c.specs for c in self._checkpoints]
             check_compatible(list(specs[0]), specs[0], specs[1:], self.labels[1:])
         except BaseException:
@@ -616,6 +618,7 @@ class ShardedSafetensorsWriter:
         self._shard = -1
         self._handle = None
         self._texts: dict[str, str] = {}
+        self._copies: dict[str, Path] = {}
         self._delay = float(os.environ.get(SINK_DELAY_ENV, "0") or 0)
 
     def _plan_shards(self) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
@@ -704,6 +707,10 @@ class ShardedSafetensorsWriter:
         """A side file (config, report) written into the folder at commit."""
         self._texts[filename] = text
 
+    def add_file(self, filename: str, source: PathLike) -> None:
+        """A copy of `source` (tokenizer, generation config) written into the folder at commit."""
+        self._copies[filename] = Path(source)
+
     def commit(self) -> Path:
         if self._pos != len(self.layout):
             raise RuntimeError(f"writer: {len(self.layout) - self._pos} tensor(s) never written")
@@ -712,7 +719,9 @@ class ShardedSafetensorsWriter:
             self._close_shard()
             if len(self.shards) > 1:
                 index = {
-                    "metadata": {"total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
+                    # transformers 5 writes total_parameters beside total_size
+                    "metadata": {"total_parameters": sum(math.prod(s) for _, s, _ in self.layout),
+                                 "total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
                     "weight_map": {
                         name: file for shard, file in zip(self.shards, self.files) for name, _, _ in shard
                     },
@@ -720,6 +729,11 @@ class ShardedSafetensorsWriter:
                 (self.tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             for filename, text in self._texts.items():
                 (self.tmp / filename).write_text(text)
+            for filename, source in self._copies.items():
+                shutil.copyfile(source, self.tmp / filename)
+            # mkdtemp makes the folder 0700; a model folder gets the mode mkdir would give it (HF's 0755
+            # under the usual umask).
+            os.chmod(self.tmp, 0o777 & ~_umask())
         except OSError as exc:
             raise self._failed(exc) from exc
         with _signals_deferred():
@@ -755,6 +769,19 @@ class ShardedSafetensorsWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.tmp is not None:
             self.abort()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc says it (os.umask must set one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_output_apart(output: PathLike, inputs: Sequence[PathLike]) -> None:
@@ -818,13 +845,15 @@ def run_config_dict(
 ) -> dict[str, Any]:
     """The YAML the merge ran with: feeding it back to r2m-merge repeats the merge. k_real is
     recorded as used: clamped to the number of specialists."""
+    from r2m_fast.hf import recorded_path
+
     out: dict[str, Any] = {
-        "base": os.path.abspath(base),
-        "specialists": [os.path.abspath(s) for s in specialists],
+        "base": recorded_path(base),
+        "specialists": [recorded_path(s) for s in specialists],
         "output": os.path.abspath(output),
         "method": method,
     }
-    out.update({k: float(v) for k, v in options.items()})
+    out.update({k: _option_value(v) for k, v in options.items()})
     if prefix is not None:
         out["prefix"] = prefix
     out["shard_size"] = parse_size(shard_size)
@@ -835,6 +864,15 @@ def run_config_dict(
     out.update(config.to_dict())
     out["k_real"] = min(config.k_real, len(specialists))
     return out
+
+
+def _option_value(value: Any) -> Any:
+    """A method option as YAML writes it: numbers as floats, per-model lists as lists of floats."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return float(value)
 
 
 def merge_checkpoints(
@@ -852,11 +890,14 @@ def merge_checkpoints(
     progress: bool = False,
     spill_dir: Optional[PathLike] = None,
     allow_safe_globals: bool = False,
+    copy_tokenizer: bool = True,
+    tokenizer_source: Optional[PathLike] = None,
 ):
     """Stream a merge of checkpoints on disk into `output` (see r2m_fast.api.merge_files)."""
     import yaml
 
     from r2m_fast.baselines import method_options, run_method
+    from r2m_fast.hf import add_model_files, check_tokenizer_source, model_folder, recorded_path, resolve_model
 
     specialists = list(specialists)  # a generator would be spent by the first look
     options = dict(options or {})
@@ -864,7 +905,9 @@ def merge_checkpoints(
     device = check_device(device)
     started = time.time()
     t0 = time.perf_counter()
-    check_output_apart(output, [base, *specialists])
+    check_output_apart(output, [resolve_model(p) for p in (base, *specialists)])
+    if copy_tokenizer and tokenizer_source is not None:  # refused before the merge, not after it
+        check_tokenizer_source(resolve_model(tokenizer_source), model_folder(resolve_model(base)), "tokenizer_source")
     if spill_dir is not None:
         from r2m_fast.spill import check_spill_dir
 
@@ -880,7 +923,14 @@ def merge_checkpoints(
                                    timings={"open_seconds": open_seconds}, method=method, seed=config.seed)
             run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device,
                                       allow_safe_globals=allow_safe_globals)
-            writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
+            if not copy_tokenizer or tokenizer_source is not None:
+                run_cfg["copy_tokenizer"] = copy_tokenizer
+                run_cfg["tokenizer_source"] = None if tokenizer_source is None else recorded_path(tokenizer_source)
+            run_yaml = yaml.safe_dump(run_cfg, sort_keys=False)
+            writer.add_text(CONFIG_FILE, run_yaml)
+            report["model_files"] = add_model_files(writer, base, specialists, layout, method, options, run_yaml,
+                                               prefix=prefix, copy_tokenizer=copy_tokenizer,
+                                               tokenizer_source=tokenizer_source)
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
             writer.commit()
     result.report = report
