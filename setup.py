@@ -191,7 +191,7 @@ def _ext_modules() -> list[Extension]:
     if os.environ.get("R2M_BUILD_CUDA", "").strip() == "0":
         _log("R2M_BUILD_CUDA=0: skipping the CUDA extension")
         return []
-    srcs = ["csrc/gram_sketch.cu", "csrc/accumulate.cu", "csrc/bindings.cpp"]
+    srcs = ["csrc/gram_sketch.cu", "csrc/accumulate.cu", "csrc/small_eigh.cpp", "csrc/bindings.cpp"]
     return [CUDAExtension(CUDA_EXT_NAME, sources=srcs)]
 
 

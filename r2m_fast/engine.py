@@ -29,6 +29,7 @@ from r2m_fast.plan import (
     MergeInputError, check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
+from r2m_fast.small_eigh import batched_eigh, method as small_eigh_method
 
 if TYPE_CHECKING:
     import os
@@ -294,7 +295,7 @@ def factorize_residuals(
         q = ops.orthonormalize(each(p.to(fast_dtype), False), steps=3 if i == power_iters - 1 else 2)
     bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
     small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # Bᵢ Bᵢᵀ
-    evals, evecs = torch.linalg.eigh(small)
+    evals, evecs = batched_eigh(small)  # CUDA: one cuSOLVER call for the whole batch; CPU: torch.linalg.eigh
     evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
     sigma = evals.clamp_min(0.0).sqrt()
     left = torch.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
@@ -523,4 +524,5 @@ def merge_report(
         "oversample": config.oversample,
         "seed": config.seed,
         "pass_seconds": dict(seconds),
+        "small_eigh": small_eigh_method(device),  # pass 2's s×s solver: "cusolver_batched" or the torch fallback and why
     }
