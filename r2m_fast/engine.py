@@ -327,12 +327,16 @@ def factor_pass(
     else:
         batches = [[layer] for layer in layers]
     factors = state.new_store("factors")
+    # Every layer's w in one host→device copy: a blocking copy to CUDA synchronizes the stream, so one
+    # per layer would drain the GPU's queue once per layer (the values are the same either way).
+    rows = {layer.name: i for i, layer in enumerate(layers)}
+    all_w = torch.stack([real.coeffs[layer.name] for layer in layers]).to(source.device, torch.float32) if layers else None
     bar = _progress(layers, "pass 2/3: residual factors", progress)
     for batch in batches:
         matmuls, coeffs = [], []
         for layer in batch:
             weights = _matrices(source.load(layer.name), layer)
-            w = real.coeffs[layer.name].to(device=source.device, dtype=torch.float32)
+            w = all_w[rows[layer.name]]
             if len(batch) == 1 and hasattr(ops, "residual_operator"):
                 matmuls.append(ops.residual_operator(weights, w))
             else:

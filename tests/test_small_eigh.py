@@ -345,3 +345,38 @@ def test_gpu_merge_matches_torch_eigh(family, monkeypatch):
         g = got.state_dict[name]
         scale = float((w.double() - models[0][name].double()).norm()) + 1e-30
         assert float((g.double() - w.double()).norm()) <= 1e-5 * scale + 1e-6 * float(w.double().norm()), name
+
+
+@gpu
+def test_gpu_pass2_host_syncs_do_not_grow_with_layers():
+    """Pass 2 on CUDA synchronizes per shape group (the eigensolver's and Cholesky's info checks), never
+    per layer: 4 and 12 same-shape layers make the same number of synchronizing calls."""
+    from r2m_fast.engine import DictSource, factor_pass, gram_pass, new_state, solve_real_subspace
+    from r2m_fast.backends import resolve_backend
+
+    def syncs(layers: int) -> int:
+        g = torch.Generator(device="cuda").manual_seed(layers)
+        shapes = {f"l{i}.weight": (96, 80) for i in range(layers)}
+        base = {k: torch.randn(*v, generator=g, device="cuda") for k, v in shapes.items()}
+        specs = [{k: v + 1e-3 * torch.randn(*v.shape, generator=g, device="cuda") for k, v in base.items()}
+                 for _ in range(3)]
+        source = DictSource(base, specs)
+        config = R2MConfig(rank_ratio=0.25, seed=0)
+        backend = resolve_backend("torch", source.device)
+        ops = backend.ops()
+        state = new_state(source, config, backend, None)
+        gram_pass(source, state, config, ops)
+        real = solve_real_subspace(state, config, 3)
+        torch.cuda.synchronize()
+        import warnings as w
+
+        with w.catch_warnings(record=True) as caught:
+            w.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                factor_pass(source, state, real, config, ops)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(c.message) for c in caught)
+
+    assert syncs(4) == syncs(12)
