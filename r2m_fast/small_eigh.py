@@ -16,7 +16,7 @@ that call (bit-for-bit what the engine did before), on CUDA with a warning the f
 Environment: ``R2M_SMALL_EIGH=torch`` forces the torch path (A/B runs); ``R2M_CUSOLVER_LIBRARY``
 names a libcusolver file to try before the wheel folders and the system search path.
 
-``python -m r2m_fast.small_eigh`` prints what this machine gets and why.
+``python -c "from r2m_fast import small_eigh; small_eigh._main()"`` prints what this machine gets and why.
 """
 
 from __future__ import annotations
@@ -194,14 +194,10 @@ def _cusolver(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return w, a.transpose(-1, -2), info
 
 
-def _main() -> int:  # pragma: no cover - a diagnostic
+def _main() -> int:  # pragma: no cover - a diagnostic (benchmarks/run_gpu.sh)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"small_eigh on {device}: {method(device)}")
     lib = library()
     print(f"cuSOLVER: {lib or 'not loaded'}")
     print("candidates: " + ", ".join(library_candidates()))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
