@@ -175,6 +175,14 @@ def _disable(why: str) -> None:
     _warn_once(why)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def max_batch(s: int) -> int:
+    """Problems one cusolverDnXsyevBatched call takes: cuSOLVER documents n·lda·batch ≤ INT32_MAX."""
+    return max(1, INT32_MAX // (s * s))
+
+
 def _cusolver(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ext, _ = _extension()
     batch, s, _ = mats.shape
@@ -185,10 +193,14 @@ def _cusolver(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         a = mats.contiguous().clone()  # overwritten by the eigenvectors
         w = torch.empty(batch, s, dtype=mats.dtype, device=mats.device)
         info = torch.zeros(batch, dtype=torch.int32, device=mats.device)
-        dev_bytes, _ = ext.small_eigh_buffer_size(a.data_ptr(), w.data_ptr(), s, batch, code, device, stream)
-        work = torch.empty(max(int(dev_bytes), 1), dtype=torch.uint8, device=mats.device)
-        ext.small_eigh(a.data_ptr(), w.data_ptr(), s, batch, code, work.data_ptr(), work.numel(), info.data_ptr(),
-                       device, stream)
+        step = max_batch(s)
+        for lo in range(0, batch, step):
+            n = min(step, batch - lo)
+            a_lo, w_lo, info_lo = a[lo:lo + n], w[lo:lo + n], info[lo:lo + n]
+            dev_bytes, _ = ext.small_eigh_buffer_size(a_lo.data_ptr(), w_lo.data_ptr(), s, n, code, device, stream)
+            work = torch.empty(max(int(dev_bytes), 1), dtype=torch.uint8, device=mats.device)
+            ext.small_eigh(a_lo.data_ptr(), w_lo.data_ptr(), s, n, code, work.data_ptr(), work.numel(),
+                           info_lo.data_ptr(), device, stream)
     # Column j of a column-major matrix is row j of the row-major buffer: transposing gives the
     # eigenvectors in the columns, with the same strides torch.linalg.eigh returns.
     return w, a.transpose(-1, -2), info

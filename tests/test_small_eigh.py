@@ -71,6 +71,13 @@ def test_method_on_cpu_and_forced_torch(monkeypatch):
     assert small_eigh.method(torch.device("cuda")) == "torch.linalg.eigh (R2M_SMALL_EIGH=torch)"
 
 
+def test_max_batch_keeps_cusolvers_size_limit():
+    for s in (1, 8, 33, 420, 46341, 50000):
+        assert small_eigh.max_batch(s) >= 1
+        assert s * s * small_eigh.max_batch(s) <= 2**31 - 1 or small_eigh.max_batch(s) == 1
+    assert small_eigh.max_batch(420) == (2**31 - 1) // (420 * 420)
+
+
 def test_library_candidates_order(monkeypatch, tmp_path):
     wheel = tmp_path / "nvidia" / "cu13" / "lib"
     wheel.mkdir(parents=True)
@@ -328,6 +335,19 @@ def test_gpu_zero_and_views_and_side_stream():
     side.synchronize()
     want, _ = torch.linalg.eigh(view.contiguous())
     assert torch.allclose(evals, want, atol=1e-9 * float(want.abs().max()))
+
+
+@gpu
+def test_gpu_batches_above_cusolvers_limit_go_in_chunks(monkeypatch):
+    if small_eigh.method(torch.device("cuda")) != small_eigh.CUSOLVER:
+        pytest.skip(small_eigh.method(torch.device("cuda")))
+    mats = _problems(33, 7, "cuda")
+    whole = batched_eigh(mats)[0]
+    monkeypatch.setattr(small_eigh, "max_batch", lambda s: 3)  # 3 + 3 + 1
+    chunked = batched_eigh(mats)[0]
+    want = torch.linalg.eigh(mats)[0]
+    assert torch.allclose(chunked, want, atol=1e-10 * float(want.abs().max()))
+    assert torch.allclose(chunked, whole, atol=1e-10 * float(want.abs().max()))
 
 
 @gpu
