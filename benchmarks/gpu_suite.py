@@ -339,7 +339,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_summary:
         from gpu_summary import run_summary
 
-        backends = list(ops) + (["auto"] if device.type == "cuda" and set(ops) == {"torch", "triton", "cuda"} else [])
+        # auto (the default on CUDA) first: if the budget runs out inside a model, its row is the one kept.
+        backends = (["auto"] if device.type == "cuda" and set(ops) == {"torch", "triton", "cuda"} else []) + list(ops)
         summary_path, summary_rows = run_summary(
             device, quick, backends, out, args.commit or meta["git_sha"], bw, over_budget,
             llm_blocks=args.llm_blocks, vit_blocks=args.vit_blocks,

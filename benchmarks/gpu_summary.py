@@ -243,7 +243,9 @@ def merge_cases(device: torch.device, quick: bool, llm_blocks: int, vit_blocks: 
 def bench_merges(
     device: torch.device, quick: bool, backends: list[str], config: R2MConfig, bandwidth: float,
     h2d_bandwidth: Optional[float], rate: float, over_budget: Callable[[str], bool], llm_blocks: int, vit_blocks: int,
+    after_each: Callable[[list[dict]], None] = lambda rows: None,
 ) -> list[dict]:
+    """Every merge case; `after_each(rows so far)` runs after each model, so a run killed midway keeps its rows."""
     from naive_merge import naive_merge
 
     rows = []
@@ -305,6 +307,7 @@ def bench_merges(
         del models, base, specs
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        after_each(rows)
     return rows
 
 
@@ -319,20 +322,30 @@ def run_summary(
     h2d = host_to_device_bandwidth(device, quick)
     print(f"# dense bf16 GEMM {rate / 1e12:.1f} TFLOP/s"
           + (f"; pinned host→device {h2d / 1e9:.1f} GB/s" if h2d else ""))
-    eigh_rows = bench_small_eigh(device, quick, over_budget)
-    merge_rows = bench_merges(device, quick, backends, config, bandwidth, h2d, rate, over_budget, llm_blocks, vit_blocks)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    summary = {
-        "card": card_name(device),
-        "date": date,
-        "commit": commit,
-        "small_eigh": [{k: r[k] for k in SMALL_EIGH_KEYS} for r in eigh_rows],
-        "merges": [{k: r[k] for k in MERGE_KEYS} for r in merge_rows if r["summary"]],
-    }
-    folder = out / f"gpu_{summary['card']}_{date}"
+    folder = out / f"gpu_{card_name(device)}_{date}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "summary.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
+
+    def write(eigh_rows: list[dict], merge_rows: list[dict]) -> None:
+        """The whole file again (through a temporary name), after every section and model: a run that
+        a timeout kills keeps a valid summary.json of what it measured."""
+        summary = {
+            "card": card_name(device),
+            "date": date,
+            "commit": commit,
+            "small_eigh": [{k: r[k] for k in SMALL_EIGH_KEYS} for r in eigh_rows],
+            "merges": [{k: r[k] for k in MERGE_KEYS} for r in merge_rows if r["summary"]],
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        tmp.replace(path)
+
+    eigh_rows = bench_small_eigh(device, quick, over_budget)
+    write(eigh_rows, [])
+    merge_rows = bench_merges(device, quick, backends, config, bandwidth, h2d, rate, over_budget, llm_blocks,
+                              vit_blocks, after_each=lambda rows: write(eigh_rows, rows))
+    write(eigh_rows, merge_rows)
     print(f"# wrote {path}")
     full = dict(gemm_flops_per_s=rate, h2d_bytes_per_s=h2d, copy_bytes_per_s=bandwidth, small_eigh=eigh_rows,
                 merges=merge_rows, config=dict(rank_ratio=config.rank_ratio, oversample=config.oversample,

@@ -79,8 +79,8 @@ if [ "$(cat "$LOGS/cuda_gram.rc" 2>/dev/null)" = 0 ] && [ "$(cat "$LOGS/cuda_res
 fi
 summary "suite providers: $PROVIDERS"
 COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-timeout "${SUITE_TIMEOUT:-330}" python3 benchmarks/gpu_suite.py --out "$OUT" --providers "$PROVIDERS" \
-  --commit "$COMMIT" --budget-s "${SUITE_BUDGET:-210}" "$@" > "$LOGS/suite.log" 2>&1
+timeout "${SUITE_TIMEOUT:-270}" python3 benchmarks/gpu_suite.py --out "$OUT" --providers "$PROVIDERS" \
+  --commit "$COMMIT" --budget-s "${SUITE_BUDGET:-180}" "$@" > "$LOGS/suite.log" 2>&1
 summary "suite rc=$? done at $(elapsed)"
 grep -E "^# (copy bandwidth|dense bf16|small_eigh: |checks|time budget|provider|e2e .* failed|.*: naive merge failed|.*: backend .* failed|.*out of memory|wrote .*summary)" \
   "$LOGS/suite.log" | head -30 | tee -a "$OUT/summary.txt"
