@@ -152,6 +152,12 @@ def batched_eigh(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if reason != "R2M_SMALL_EIGH=torch":  # asked for: no warning
             _warn_once(reason)
         return torch.linalg.eigh(mats)
+    return _solve_with_cusolver(mats)
+
+
+def _solve_with_cusolver(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cusolverDnXsyevBatched's answer, unconverged problems re-solved by torch; a failed call turns
+    the path off for the process and answers with torch."""
     try:
         evals, evecs, info = _cusolver(mats)
     except RuntimeError as exc:

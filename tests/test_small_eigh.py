@@ -102,6 +102,118 @@ def test_cpu_merge_unchanged_and_report_names_solver(family, monkeypatch):
         assert torch.equal(got.state_dict[name], want.state_dict[name]), name
 
 
+# ------------------------------------- the Python glue, against an emulated extension on CPU memory
+class EmulatedExtension:
+    """r2m_fast._cuda's small_eigh entry points as cuSOLVER documents cusolverDnXsyevBatched: column-major
+    matrices whose upper triangle is read, eigenvectors written over them column by column, eigenvalues
+    ascending, info per problem. Works on CPU addresses, so the glue's layout, chunking and info
+    handling are checked here without a GPU."""
+
+    DTYPE_FLOAT32, DTYPE_FLOAT64 = 0, 3
+
+    def __init__(self, unconverged=(), fail=False):
+        self.unconverged, self.fail, self.calls = set(unconverged), fail, []
+
+    def small_eigh_buffer_size(self, a, w, n, batch, dtype, device, stream):
+        return (8 * n, 0)
+
+    def small_eigh(self, a, w, n, batch, dtype, work, work_bytes, info, device, stream):
+        import ctypes
+
+        import numpy as np
+
+        if self.fail:
+            raise RuntimeError("small_eigh: cusolverDnXsyevBatched failed with CUSOLVER_STATUS_INTERNAL_ERROR (7)")
+        assert work_bytes >= 8 * n and work != 0
+        first = sum(c for c in self.calls)
+        self.calls.append(batch)
+        ctype = ctypes.c_float if dtype == self.DTYPE_FLOAT32 else ctypes.c_double
+        mem = np.ctypeslib.as_array((ctype * (batch * n * n)).from_address(a)).reshape(batch, n, n)
+        vals = np.ctypeslib.as_array((ctype * (batch * n)).from_address(w)).reshape(batch, n)
+        infos = np.ctypeslib.as_array((ctypes.c_int32 * batch).from_address(info))
+        col = mem.transpose(0, 2, 1)  # col[k, i, j] = memory[i + n·j + n²·k]
+        upper = np.triu(col.astype(np.float64))
+        sym = upper + np.triu(upper, 1).transpose(0, 2, 1)
+        lam, vec = np.linalg.eigh(sym)
+        col[:] = vec  # column j of problem k: its j-th eigenvector
+        vals[:] = lam
+        infos[:] = 0
+        for k in range(batch):
+            if first + k in self.unconverged:
+                infos[k] = 3
+                col[k] = 7.0  # garbage the glue must not return
+                vals[k] = -1.0
+
+
+@pytest.fixture()
+def emulated(monkeypatch):
+    import types
+
+    def use(ext):
+        monkeypatch.setattr(small_eigh, "_extension", lambda: (ext, None))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(small_eigh, "_runtime_failure", None)
+        monkeypatch.setattr(small_eigh, "_warned", False)
+        return ext
+
+    return use
+
+
+def _lower_differs(batch: int, s: int, dtype) -> torch.Tensor:
+    """Symmetric in the lower triangle (which eigh reads), something else above it."""
+    mats = _spd_batch(batch, s, dtype)
+    return mats + torch.triu(torch.full_like(mats, 5.0), diagonal=1)
+
+
+def test_extension_asks_cusolver_for_the_emulated_triangle_and_vectors():
+    """The emulation above reads the column-major upper triangle and returns vectors: what the C++ asks for."""
+    source = (ROOT / "csrc" / "small_eigh.cpp").read_text()
+    assert "constexpr int kFillUpper = 1;      // CUBLAS_FILL_MODE_UPPER" in source
+    assert "constexpr int kEigModeVector = 1;  // CUSOLVER_EIG_MODE_VECTOR" in source
+    assert source.count("kEigModeVector, kFillUpper") == 3  # bufferSize twice, the solve once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_glue_reads_torch_triangle_and_returns_torch_layout(emulated, monkeypatch, dtype):
+    ext = emulated(EmulatedExtension())
+    monkeypatch.setattr(small_eigh, "max_batch", lambda s: 3)
+    mats = _lower_differs(7, 9, dtype)
+    before = mats.clone()
+    evals, evecs = small_eigh._solve_with_cusolver(mats)
+    assert ext.calls == [3, 3, 1]  # split at max_batch
+    want_vals, want_vecs = torch.linalg.eigh(mats)
+    assert torch.equal(mats, before)
+    assert evals.dtype == evecs.dtype == dtype and evecs.stride() == want_vecs.stride()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    scale = float(want_vals.abs().max())
+    assert torch.allclose(evals, want_vals, atol=tol * scale)
+    # Eigenvectors up to sign: compare projectors onto each (distinct) eigenvalue's line.
+    proj = evecs[..., :, None, :] * evecs[..., None, :, :]
+    want = want_vecs[..., :, None, :] * want_vecs[..., None, :, :]
+    assert torch.allclose(proj, want, atol=100 * tol)
+
+
+def test_glue_resolves_unconverged_problems_with_torch(emulated):
+    emulated(EmulatedExtension(unconverged={1, 4}))
+    mats = _spd_batch(6, 5, torch.float64)
+    with pytest.warns(RuntimeWarning, match="did not converge on 2 of 6 problems"):
+        evals, evecs = small_eigh._solve_with_cusolver(mats)
+    want_vals, _ = torch.linalg.eigh(mats)
+    assert torch.allclose(evals, want_vals, atol=1e-10 * float(want_vals.abs().max()))
+    assert (evecs != 7.0).any(-1).any(-1).all()
+
+
+def test_glue_failed_call_falls_back_and_is_reported(emulated):
+    emulated(EmulatedExtension(fail=True))
+    mats = _spd_batch(4, 6, torch.float32)
+    with pytest.warns(RuntimeWarning, match="CUSOLVER_STATUS_INTERNAL_ERROR"):
+        evals, evecs = small_eigh._solve_with_cusolver(mats)
+    assert torch.equal(evals, torch.linalg.eigh(mats)[0])
+    assert small_eigh.method(torch.device("cuda")).startswith(
+        "torch.linalg.eigh (cusolverDnXsyevBatched failed: small_eigh: cusolverDnXsyevBatched failed with")
+
+
 # ----------------------------------------------------------------- the loader, on stub libraries
 STUB = r"""
 #include <stdint.h>
