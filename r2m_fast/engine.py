@@ -406,6 +406,10 @@ def accumulate_pass(
 ) -> None:
     """Pass 3: every output tensor, written once."""
     N = scales.shape[0]
+    # Host→CUDA copies block on the stream: copy the scales once, and hand each layer's coefficients
+    # to the op on the host (every backend takes them there: torch and cuda read them as numbers,
+    # triton queues an asynchronous copy), so the pass does not drain the GPU's queue once per layer.
+    device_scales = scales.to(device=source.device, dtype=torch.float32)
     for layer in _progress(state.plan, "pass 3/3: merged weights", progress):
         tensors = source.load(layer.name)
         if layer.kind == COPY:
@@ -418,7 +422,7 @@ def accumulate_pass(
         elif layer.name in factors:
             coeffs = real.coeffs[layer.name]
             f = factors[layer.name]
-            scaled = f.left * scales.to(f.left)[:, None, None]
+            scaled = f.left * device_scales.to(f.left)[:, None, None]
             left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
             right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
         else:
@@ -426,9 +430,7 @@ def accumulate_pass(
             w = real.coeffs[layer.name]
             coeffs = w + scales - w * scales.sum()
         out_dtype = config.out_dtype or layer.dtype
-        merged = ops.accumulate(
-            _matrices(tensors, layer), coeffs.to(device=source.device, dtype=torch.float32), left, right, out_dtype
-        )
+        merged = ops.accumulate(_matrices(tensors, layer), coeffs.to(torch.float32), left, right, out_dtype)
         sink(layer.name, merged.reshape(layer.shape))
 
 

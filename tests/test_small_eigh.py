@@ -480,13 +480,17 @@ def test_gpu_merge_matches_torch_eigh(family, monkeypatch):
 
 
 @gpu
-def test_gpu_pass2_host_syncs_do_not_grow_with_layers():
+def test_gpu_pass2_and_pass3_host_syncs_do_not_grow_with_layers():
     """Pass 2 on CUDA synchronizes per shape group (the eigensolver's and Cholesky's info checks), never
-    per layer: 4 and 12 same-shape layers make the same number of synchronizing calls."""
-    from r2m_fast.engine import DictSource, factor_pass, gram_pass, new_state, solve_real_subspace
+    per layer, and pass 3 (torch backend) not per layer either: 4 and 12 same-shape layers make the
+    same number of synchronizing calls."""
+    from r2m_fast.engine import (
+        DictSource, accumulate_pass, factor_pass, gram_pass, new_state, residual_norms, residual_scales,
+        solve_real_subspace,
+    )
     from r2m_fast.backends import resolve_backend
 
-    def syncs(layers: int) -> int:
+    def syncs(layers: int) -> tuple[int, int]:
         g = torch.Generator(device="cuda").manual_seed(layers)
         shapes = {f"l{i}.weight": (96, 80) for i in range(layers)}
         base = {k: torch.randn(*v, generator=g, device="cuda") for k, v in shapes.items()}
@@ -502,13 +506,23 @@ def test_gpu_pass2_host_syncs_do_not_grow_with_layers():
         torch.cuda.synchronize()
         import warnings as w
 
-        with w.catch_warnings(record=True) as caught:
-            w.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                factor_pass(source, state, real, config, ops)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return sum("synchronizing" in str(c.message) for c in caught)
+        def counted(fn) -> tuple[int, object]:
+            with w.catch_warnings(record=True) as caught:
+                w.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    result = fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            return sum("synchronizing" in str(c.message) for c in caught), result
+
+        pass2, factors = counted(lambda: factor_pass(source, state, real, config, ops))
+        scales = residual_scales(residual_norms(state, real, factors, 3), config.alpha * real.core_norm,
+                                 config.residual_scale)
+        torch.cuda.synchronize()
+        out = {}
+        pass3, _ = counted(lambda: accumulate_pass(source, state, real, factors, scales, config, ops, out.__setitem__))
+        assert len(out) == layers
+        return pass2, pass3
 
     assert syncs(4) == syncs(12)
