@@ -18,7 +18,8 @@
 namespace py = pybind11;
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "r2m_fast CUDA kernels (Gram + sketch pass, norm-scaled accumulation); see r2m_fast.cuda_ops";
+  m.doc() = "r2m_fast CUDA kernels (Gram + sketch pass, norm-scaled accumulation) and cuSOLVER's batched "
+            "eigensolver (dlopen at first use); see r2m_fast.cuda_ops and r2m_fast.small_eigh";
   m.attr("DTYPE_FLOAT32") = int(r2m::kFloat32);
   m.attr("DTYPE_BFLOAT16") = int(r2m::kBFloat16);
   m.attr("DTYPE_FLOAT16") = int(r2m::kFloat16);
