@@ -86,7 +86,7 @@ grep -E "^# (copy bandwidth|dense bf16|small_eigh: |checks|time budget|provider|
   "$LOGS/suite.log" | head -30 | tee -a "$OUT/summary.txt"
 if [ "$PROVIDERS" = torch,triton ] && python3 -c "import r2m_fast._cuda" 2>/dev/null; then
   # Some CUDA tests failed: its op checks and timings alone, in a process of their own.
-  timeout 60 python3 benchmarks/gpu_suite.py --out "$LOGS/cuda_only" --providers cuda --no-e2e --budget-s 30 \
+  timeout 60 python3 benchmarks/gpu_suite.py --out "$LOGS/cuda_only" --providers cuda --no-e2e --no-summary --budget-s 30 \
     > "$LOGS/suite_cuda_only.log" 2>&1
   summary "cuda-only suite rc=$? done at $(elapsed)"
   grep -E "^(# checks|#   FAIL|== checks)" "$LOGS/suite_cuda_only.log" | cut -c1-400 | head -12 | tee -a "$OUT/summary.txt"
