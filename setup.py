@@ -233,7 +233,7 @@ def _ext_modules() -> list[Extension]:
             _log("skipping the CUDA extension: no NVIDIA GPU visible (nvidia-smi -L, /dev/nvidia0); "
                  "R2M_BUILD_CUDA=1 builds it anyway")
             return []
-    srcs = ["csrc/gram_sketch.cu", "csrc/accumulate.cu", "csrc/bindings.cpp"]
+    srcs = ["csrc/gram_sketch.cu", "csrc/accumulate.cu", "csrc/small_eigh.cpp", "csrc/bindings.cpp"]
     return [CUDAExtension(CUDA_EXT_NAME, sources=srcs)]
 
 

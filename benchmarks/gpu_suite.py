@@ -1,6 +1,6 @@
 """GPU suite: correctness and timing of every backend's layer ops, and of the whole merge.
 
-    python benchmarks/gpu_suite.py [--out DIR] [--quick] [--device cuda|cpu] [--no-e2e]
+    python benchmarks/gpu_suite.py [--out DIR] [--quick] [--device cuda|cpu] [--no-e2e] [--no-summary]
 
 1. Checks every available backend (torch on the device, triton, cuda) op by op against the same
    math in fp64 (inputs upcast), with a per-dtype tolerance; a failed check makes the exit status 1.
@@ -10,6 +10,11 @@
 3. Times each op with triton.testing.do_bench (p50/p20/p80) at ViT-B, ViT-L and a 4096×4096
    LLM layer, N = 3 and 8, fp32 and bf16 weights, with the range finder at the engine's CUDA
    default (bf16 Ω and power-iteration operands; Bᵢ = QᵢᵀFᵢ in fp32), until --budget-s is spent.
+3a. The summary (benchmarks/gpu_summary.py), before the timings of 2 and 3: pass 2's small
+   eigensolver (r2m_fast.small_eigh against torch.linalg.eigh) and whole merges at ViT-L and
+   Llama-3-8B shapes (bf16, N = 3 resident, N = 8 streamed from pinned host memory) with their
+   roofline floor, the naive merge and kernel launches, written to
+   <out>/gpu_<card>_<date>/summary.json.
 4. Divides each time by its memory floor: bytes moved at the measured device-to-device copy
    bandwidth (op level: the op's own bytes; end to end: the N+1 inputs read twice plus the output
    written once, DESIGN §5).
@@ -328,6 +333,19 @@ def run(args: argparse.Namespace) -> int:
     tag = "".join(ch if ch.isalnum() else "_" for ch in gpu)[:40]
     prefix = out / f"gpu_suite_{tag}_{stamp.replace(':', '')}{'_quick' if quick else ''}"
 
+    # 2a. the summary (benchmarks/gpu_summary.py): pass 2's eigensolver, then whole merges at ViT-L
+    # and Llama-3-8B shapes against floor and naive. First, so a short budget keeps these rows.
+    summary_path, summary_rows = None, None
+    if not args.no_summary:
+        from gpu_summary import run_summary
+
+        # auto (the default on CUDA) first: if the budget runs out inside a model, its row is the one kept.
+        backends = (["auto"] if device.type == "cuda" and set(ops) == {"torch", "triton", "cuda"} else []) + list(ops)
+        summary_path, summary_rows = run_summary(
+            device, quick, backends, out, args.commit or meta["git_sha"], bw, over_budget,
+            llm_blocks=args.llm_blocks, vit_blocks=args.vit_blocks,
+        )
+
     # 2. end to end and the profile of the last case, before the op timings: when --budget-s runs
     # out, the whole-merge numbers are the ones to keep.
     e2e: list[dict] = []
@@ -368,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
 
     Path(f"{prefix}.json").write_text(json.dumps(
         dict(meta=meta, copy_bandwidth_GBps=bw / 1e9, skipped_providers=skipped, checks=checks, rows=rows,
-             config=dict(rank_ratio=RANK_RATIO, oversample=OVERSAMPLE, power_iters=POWER_ITERS, quick=quick)),
+             config=dict(rank_ratio=RANK_RATIO, oversample=OVERSAMPLE, power_iters=POWER_ITERS, quick=quick),
+             summary=summary_rows, summary_json=str(summary_path) if summary_path else None),
         indent=1,
     ))
     with open(f"{prefix}.csv", "w", newline="") as fh:
@@ -377,6 +396,10 @@ def run(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     print(f"# wrote {prefix}.json and {prefix}.csv")
     print_tables(rows, checks, device)
+    if summary_path is not None:
+        from gpu_summary import print_summary
+
+        print_summary(summary_path)
     return 1 if failed else 0
 
 
@@ -517,10 +540,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="comma-separated backends to check and time (a kernel fault poisons the whole "
                              "process, so run_gpu.sh leaves cuda out until its tests have passed)")
     parser.add_argument("--budget-s", type=float, default=200.0,
-                        help="wall-clock seconds after which remaining timing cases are skipped (checks always run)")
+                        help="wall-clock seconds after which remaining timing cases are skipped (checks always run); "
+                             "the summary rows go first, then the end-to-end merges, then the op timings")
+    parser.add_argument("--no-summary", action="store_true",
+                        help="skip the summary rows (small_eigh, ViT-L and Llama-3-8B merges, summary.json)")
+    parser.add_argument("--llm-blocks", type=int, default=2,
+                        help="Llama-3-8B decoder blocks in the summary's 8B model (plus the embeddings; 32 is the full model)")
+    parser.add_argument("--vit-blocks", type=int, default=2, help="ViT-L blocks in the summary's ViT-L model")
+    parser.add_argument("--commit", default="",
+                        help="commit recorded in summary.json (default: git rev-parse of this checkout)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible; use --device cpu --quick for a smoke run")
+    if args.llm_blocks < 1 or args.vit_blocks < 1:
+        parser.error(f"--llm-blocks and --vit-blocks must be at least 1, got {args.llm_blocks} and {args.vit_blocks}")
     if args.device == "cpu" and not args.quick:
         parser.error("--device cpu runs only with --quick (full shapes would take hours on CPU / the interpreter)")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and args.device != "cpu":

@@ -3,7 +3,7 @@ torch.svd_lowrank (Householder QR, full small SVD), the baseline the fast path m
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,8 +16,11 @@ from r2m_fast.plan import DECOMPOSED
 
 
 @torch.no_grad()
-def naive_merge(base: dict, specialists: Sequence[dict], config: R2MConfig) -> dict[str, torch.Tensor]:
-    source = DictSource(base, specialists)
+def naive_merge(
+    base: dict, specialists: Sequence[dict], config: R2MConfig, device: Optional[torch.device] = None
+) -> dict[str, torch.Tensor]:
+    """`device`: where to compute (default: the base tensors'), e.g. CUDA for models in pinned host memory."""
+    source = DictSource(base, specialists, device=device)
     N = len(specialists)
     state = MergeState(plan=build_plan(source.specs(), config))
     # Grams only: svd_lowrank draws its own sketch per residual.

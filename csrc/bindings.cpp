@@ -18,7 +18,8 @@
 namespace py = pybind11;
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "r2m_fast CUDA kernels (Gram + sketch pass, norm-scaled accumulation); see r2m_fast.cuda_ops";
+  m.doc() = "r2m_fast CUDA kernels (Gram + sketch pass, norm-scaled accumulation) and cuSOLVER's batched "
+            "eigensolver (dlopen at first use); see r2m_fast.cuda_ops and r2m_fast.small_eigh";
   m.attr("DTYPE_FLOAT32") = int(r2m::kFloat32);
   m.attr("DTYPE_BFLOAT16") = int(r2m::kBFloat16);
   m.attr("DTYPE_FLOAT16") = int(r2m::kFloat16);
@@ -50,4 +51,16 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("grid"), py::arg("use_mma"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(),
         "out (rows, cols) = θ₀ + Σ aⱼ (θⱼ − θ₀) [+ L Rᵀ], fp32 arithmetic, cast once.");
+
+  m.attr("DTYPE_FLOAT64") = int(r2m::kFloat64);
+  m.def("small_eigh_load", &r2m::small_eigh_load, py::arg("candidates"),
+        "Load cuSOLVER's cusolverDnXsyevBatched (dlopen): '' once loaded, else the reason.");
+  m.def("small_eigh_library", &r2m::small_eigh_library, "The loaded cuSOLVER's path and version, or ''.");
+  m.def("small_eigh_buffer_size", &r2m::small_eigh_buffer_size, py::arg("a"), py::arg("w"), py::arg("n"),
+        py::arg("batch"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "(device bytes, host bytes) of cusolverDnXsyevBatched's workspace.");
+  m.def("small_eigh", &r2m::small_eigh, py::arg("a"), py::arg("w"), py::arg("n"), py::arg("batch"), py::arg("dtype"),
+        py::arg("work"), py::arg("work_bytes"), py::arg("info"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "cusolverDnXsyevBatched in place: eigenvectors over a, ascending eigenvalues into w, info per problem.");
 }

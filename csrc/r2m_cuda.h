@@ -9,12 +9,13 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace r2m {
 
 // Element dtype codes, shared with cuda_ops.py (_DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };  // kFloat64: small_eigh only
 
 // Most task vectors one call handles (θ₀ plus kMaxTasks specialists travel in one by-value
 // kernel-parameter struct; the wrapper falls back to torch above this).
@@ -50,5 +51,22 @@ void accumulate(const std::vector<uintptr_t>& weights, const std::vector<int64_t
                 const std::vector<double>& coeffs, int64_t rows, int64_t cols, int dtype,
                 uintptr_t left, int64_t left_stride, uintptr_t right, int64_t right_stride,
                 int64_t k, uintptr_t out, int out_dtype, int grid, bool use_mma, int device, uintptr_t stream);
+
+// Batched small symmetric eigensolver (csrc/small_eigh.cpp): cuSOLVER's cusolverDnXsyevBatched,
+// resolved with dlopen/dlsym at first use (no cuSOLVER header or link-time dependency).
+// small_eigh_load: tries a cuSOLVER already in the process, then each candidate (paths or sonames);
+// returns "" once loaded (for the process), else why not (a later call may try other candidates).
+std::string small_eigh_load(const std::vector<std::string>& candidates);
+// The loaded library's path and version ("" when not loaded).
+std::string small_eigh_library();
+// (device bytes, host bytes) of workspace for `batch` n×n problems of dtype kFloat32 or kFloat64.
+std::tuple<int64_t, int64_t> small_eigh_buffer_size(uintptr_t a, uintptr_t w, int64_t n, int64_t batch, int dtype,
+                                                    int device, uintptr_t stream);
+// In place on `stream`: a (batch, n, n) symmetric matrices (the row-major lower triangle is read),
+// overwritten by the eigenvectors (column j of matrix k, column-major = row j row-major);
+// w (batch, n) eigenvalues ascending; info (batch,) int32, nonzero where a problem did not
+// converge; work: device workspace of work_bytes (≥ small_eigh_buffer_size's device bytes).
+void small_eigh(uintptr_t a, uintptr_t w, int64_t n, int64_t batch, int dtype, uintptr_t work, int64_t work_bytes,
+                uintptr_t info, int device, uintptr_t stream);
 
 }  // namespace r2m

@@ -29,6 +29,7 @@ from r2m_fast.plan import (
     MergeInputError, check_compatible, check_finite,
 )
 from r2m_fast.result import MergeResult
+from r2m_fast.small_eigh import batched_eigh, method as small_eigh_method
 
 if TYPE_CHECKING:
     import os
@@ -294,7 +295,7 @@ def factorize_residuals(
         q = ops.orthonormalize(each(p.to(fast_dtype), False), steps=3 if i == power_iters - 1 else 2)
     bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
     small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # Bᵢ Bᵢᵀ
-    evals, evecs = torch.linalg.eigh(small)
+    evals, evecs = batched_eigh(small)  # CUDA: one cuSOLVER call for the whole batch; CPU: torch.linalg.eigh
     evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
     sigma = evals.clamp_min(0.0).sqrt()
     left = torch.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
@@ -326,12 +327,16 @@ def factor_pass(
     else:
         batches = [[layer] for layer in layers]
     factors = state.new_store("factors")
+    # Every layer's w in one host→device copy: a blocking copy to CUDA synchronizes the stream, so one
+    # per layer would drain the GPU's queue once per layer (the values are the same either way).
+    rows = {layer.name: i for i, layer in enumerate(layers)}
+    all_w = torch.stack([real.coeffs[layer.name] for layer in layers]).to(source.device, torch.float32) if layers else None
     bar = _progress(layers, "pass 2/3: residual factors", progress)
     for batch in batches:
         matmuls, coeffs = [], []
         for layer in batch:
             weights = _matrices(source.load(layer.name), layer)
-            w = real.coeffs[layer.name].to(device=source.device, dtype=torch.float32)
+            w = all_w[rows[layer.name]]
             if len(batch) == 1 and hasattr(ops, "residual_operator"):
                 matmuls.append(ops.residual_operator(weights, w))
             else:
@@ -412,6 +417,10 @@ def accumulate_pass(
     N = scales.shape[0]
     # No residual term at all (e.g. every specialist equals the base): no zero L·Rᵀ to add.
     has_residual = bool(scales.any())
+    # Host→CUDA copies block on the stream: copy the scales once, and hand each layer's coefficients
+    # to the op on the host (every backend takes them there: torch and cuda read them as numbers,
+    # triton queues an asynchronous copy), so the pass does not drain the GPU's queue once per layer.
+    device_scales = scales.to(device=source.device, dtype=torch.float32)
     for layer in _progress(state.plan, "pass 3/3: merged weights", progress):
         tensors = source.load(layer.name)
         if layer.kind == COPY:
@@ -425,7 +434,7 @@ def accumulate_pass(
             coeffs = real.coeffs[layer.name]
             if has_residual:
                 f = factors[layer.name]
-                scaled = f.left * scales.to(f.left)[:, None, None]
+                scaled = f.left * device_scales.to(f.left)[:, None, None]
                 left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
                 right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
         else:
@@ -438,9 +447,7 @@ def accumulate_pass(
             # whichever backend; a kernel's θ₀ + 0 would turn its -0.0 entries into +0.0.
             sink(layer.name, tensors[0].to(out_dtype, copy=True))
             continue
-        merged = ops.accumulate(
-            _matrices(tensors, layer), coeffs.to(device=source.device, dtype=torch.float32), left, right, out_dtype
-        )
+        merged = ops.accumulate(_matrices(tensors, layer), coeffs.to(torch.float32), left, right, out_dtype)
         sink(layer.name, merged.reshape(layer.shape))
 
 
@@ -540,4 +547,5 @@ def merge_report(
         "oversample": config.oversample,
         "seed": config.seed,
         "pass_seconds": dict(seconds),
+        "small_eigh": small_eigh_method(device),  # pass 2's s×s solver: "cusolver_batched" or the torch fallback and why
     }
