@@ -39,12 +39,13 @@ import torch.distributed as dist
 from r2m_fast.backends import resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.engine import (
-    LayerSource, MergeState, Sink, accumulate_pass, factor_pass, gram_pass, kept_squares, merge_report, new_state,
+    MergeState, Sink, accumulate_pass, factor_pass, gram_pass, kept_squares, merge_report, new_state,
     residual_norms_from_kept, residual_scales, solve_real_subspace,
 )
 from r2m_fast.plan import DECOMPOSED, LayerPlan
 from r2m_fast.result import MergeResult
 from r2m_fast.safety import make_temp_dir, remove_stale_temps
+from r2m_fast.sources import LayerSource
 
 if TYPE_CHECKING:
     from r2m_fast.spill import Spill

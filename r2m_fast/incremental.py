@@ -42,12 +42,11 @@ import torch
 from r2m_fast import cli
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
-from r2m_fast.engine import (
-    DictSource, LayerSource, MergeState, merge_from_state, new_state, test_matrix, gram_pass,
-)
+from r2m_fast.engine import MergeState, gram_pass, merge_from_state, new_state, sketch_matrix
 from r2m_fast.plan import DECOMPOSED, MergeInputError, ModelLike, check_finite
 from r2m_fast.result import MergeResult
 from r2m_fast.safety import DeviceUnavailable, check_device
+from r2m_fast.sources import DictSource, LayerSource
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -368,7 +367,7 @@ def _add_pass(source: LayerSource, state: IncrementalState, merge_state: MergeSt
         _check_gram_block(layer.name, gram[:N, :N], state.grams[layer.name], source.labels)
         merge_state.grams[layer.name] = gram
         if layer.rank is not None:
-            omega = test_matrix(layer, config, source.device, merge_state.range_finder_dtype)
+            omega = sketch_matrix(layer, config, source.device, merge_state.range_finder_dtype)
             _, new = ops.gram_sketch([weights[0], weights[-1]], omega)
             old = state.sketch(layer.name).to(source.device)
             merge_state.sketches[layer.name] = torch.cat([old, new])

@@ -44,7 +44,7 @@ def free_port() -> int:
 def _worker(rank: int, port: int, folder: str) -> None:
     """One rank: an in-memory merge (its layers saved for the parent), a file merge, a failing merge."""
     from r2m_fast.distributed import RankFailed, merge_distributed, merge_files_distributed
-    from r2m_fast.engine import DictSource
+    from r2m_fast.sources import DictSource
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
