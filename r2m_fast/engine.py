@@ -479,6 +479,7 @@ def merge_report(
     return {
         "method": "r2m",
         "backend": backend.name,
+        "ops": dict(backend.routes),  # which backend ran each op (r2m_fast.backends)
         "device": str(device),
         "core_norm": real.core_norm,
         "eta": eta,
