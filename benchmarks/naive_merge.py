@@ -8,8 +8,10 @@ from typing import Optional, Sequence
 import torch
 
 from r2m_fast import R2MConfig, ops_torch
+from r2m_fast.factors import ResidualFactors
+from r2m_fast.sources import DictSource
 from r2m_fast.engine import (
-    DictSource, MergeState, ResidualFactors, accumulate_pass, build_plan, residual_norms,
+    MergeState, accumulate_pass, build_plan, residual_norms,
     residual_scales, sketch_width, solve_real_subspace,
 )
 from r2m_fast.plan import DECOMPOSED

@@ -8,10 +8,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from r2m_fast.config import R2MConfig
-from r2m_fast.engine import DictSource
 from r2m_fast.plan import ModelLike
 from r2m_fast.result import MergeResult
 from r2m_fast.safety import check_device
+from r2m_fast.sources import DictSource
 
 
 def merge(

@@ -1,13 +1,17 @@
 """The ``r2m-merge`` command (also ``python -m r2m_fast``).
 
-    r2m-merge CONFIG.yaml [flags]
-    r2m-merge --base PATH --specialist PATH --specialist PATH ... --output DIR [flags]
-    r2m-merge --example DIR
+    r2m-merge [merge] CONFIG.yaml [OUTPUT] [flags]
+    r2m-merge [merge] --base PATH --specialist PATH --specialist PATH ... --output DIR [--save-state] [flags]
+    r2m-merge [merge] --example DIR
+    r2m-merge add --state DIR --specialist PATH [flags]
+    r2m-merge remove --state DIR (--specialist PATH | --index I) [flags]
 
-Flags override the YAML. Errors print one line on stderr and exit non-zero (1: the merge failed
-on its data or the disk, 2: a bad command-line or config value, 130/143: interrupted by
-SIGINT/SIGTERM); ``--debug`` shows the traceback. Only the standard library is imported before
-main() runs, so Ctrl-C while torch loads still exits 130 without a traceback.
+``merge`` is the default subcommand. Flags override the YAML. Every subcommand, and the distributed
+entry point (r2m_fast.distributed), reports errors through :func:`run_command`: one line on stderr
+and the exit code of the README's table (1: the merge failed on its data or the disk, 2: a bad
+command-line or config value, 130/143: interrupted by SIGINT/SIGTERM); ``--debug`` shows the
+traceback. Only the standard library is imported before main() runs, so Ctrl-C while torch loads
+still exits 130 without a traceback.
 """
 
 from __future__ import annotations
@@ -110,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "k_real, ...), method options (scaling, density, weights, normalize), prefix, shard_size, device, spill_dir, "
         "tokenizer_source, copy_tokenizer. Flags override it. A mergekit YAML (merge_method:, base_model:, models:) "
         "is read with mergekit's semantics and defaults. "
-        "Incremental re-merges: `r2m-merge add --state DIR --specialist PATH` and "
-        "`r2m-merge remove --state DIR (--specialist PATH | --index I)` on a merge run with --save-state.",
+        "Subcommands: merge (this one, the default), add and remove (incremental re-merges of a merge run "
+        "with --save-state; see r2m-merge add --help).",
     )
     p.add_argument("config", nargs="?", help="YAML file with the merge (flags override its values); a mergekit "
                    "YAML (one with merge_method:) is read as mergekit reads it")
@@ -439,58 +443,61 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``r2m-merge``; returns the exit code (also raised as SystemExit by the script)."""
-    try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:  # during start-up (importing torch, parsing); _main handles the merge's own
-        print(f"{PROG}: interrupted; no partial output was left", file=sys.stderr)
-        return 130
-
-
-def _main(argv: list[str]) -> int:
-    # Incremental re-merges (r2m_fast.incremental): `r2m-merge add|remove ...`, and a merge that
-    # saves the state they need with `--save-state`.
-    try:
-        if argv and argv[0] in ("add", "remove"):
-            from r2m_fast import incremental
-
-            return incremental.add_main(argv[1:]) if argv[0] == "add" else incremental.remove_main(argv[1:])
-        if "--save-state" in argv:
-            from r2m_fast import incremental
-
-            return incremental.merge_main([a for a in argv if a != "--save-state"])
-        parser = build_parser()
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
-        return exc.code if isinstance(exc.code, int) else 2
+def run_command(prog: str, body: Callable[[], int], debug: bool = False) -> int:
+    """Run a command's `body` with the one error policy of every r2m-merge subcommand and of
+    ``r2m_fast.distributed``: its return value, or one line ``PROG: ...`` on stderr and the exit code
+    (2 for a CommandError, a bad value found before any work; 1 for any other error, the merge failed
+    on its data or disk; 130 for Ctrl-C; 143 for SIGTERM, which raises Terminated here so that every
+    cleanup runs). ``debug`` prints the traceback first."""
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave SIGTERM alone
         pass
     try:
-        return _run(args)
+        return body()
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no partial output was left", file=sys.stderr)
+        print(f"{prog}: interrupted; no partial output was left", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"{PROG}: terminated; no partial output was left", file=sys.stderr)
+        print(f"{prog}: terminated; no partial output was left", file=sys.stderr)
         return 143
     except CommandError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # one clear line for the user; --debug shows where
-        if args.debug:
+        if debug:
             traceback.print_exc()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``r2m-merge``; returns the exit code (also raised as SystemExit by the script)."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # during start-up (importing torch, parsing); run_command handles the merge's own
+        print(f"{PROG}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    command = "merge"
+    if argv and argv[0] in SUBCOMMANDS:
+        command, argv = argv[0], argv[1:]
+    build, run = SUBCOMMANDS[command]
+    try:
+        parser = build()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    return run_command(parser.prog, lambda: run(args), debug=args.debug)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -500,6 +507,8 @@ def _run(args: argparse.Namespace) -> int:
         # `--config X.yaml OUT`: the one positional is the output folder.
         args.config, args.output_dir = args.config_option, args.config
     if args.example is not None:
+        if args.save_state:
+            raise CommandError("--save-state does not combine with --example")
         from r2m_fast.example import run_example
         from r2m_fast.safety import DeviceUnavailable, check_device
 
@@ -508,8 +517,10 @@ def _run(args: argparse.Namespace) -> int:
         except (ValueError, DeviceUnavailable) as exc:
             raise CommandError(str(exc)) from None
 
-        run_example(args.example, force=args.force, quiet=args.quiet, device=args.device,
-                    threads=args.threads if args.threads is not None else 1, spill_dir=args.spill_dir)
+        result = run_example(args.example, force=args.force, quiet=args.quiet, device=args.device,
+                             threads=args.threads if args.threads is not None else 1, spill_dir=args.spill_dir)
+        if not args.quiet:
+            summarize(result)
         return 0
     if args.threads is not None:
         import torch
@@ -522,6 +533,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(settings)
         return 0
+    if args.save_state:
+        return _merge_saving_state(args, settings)
     from r2m_fast.io import DEFAULT_SHARD_SIZE, merge_checkpoints
 
     result = merge_checkpoints(
@@ -535,6 +548,99 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         summarize(result)
     return 0
+
+
+def _merge_saving_state(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    """``r2m-merge ... --save-state``: the merge, and its state in OUTPUT/r2m_state for add/remove."""
+    from r2m_fast.incremental import STATE_DIR, merge_files_with_state
+    from r2m_fast.io import DEFAULT_SHARD_SIZE, allowing_safe_globals
+
+    if settings["method"] != "r2m":
+        raise CommandError("--save-state: a merge state exists for method r2m only")
+    if settings.get("spill_dir") is not None:
+        # save_state gathers every sketch in memory to write the state: spilling would not bound memory.
+        raise CommandError("--spill-dir does not combine with --save-state")
+    with allowing_safe_globals(bool(settings.get("allow_safe_globals"))):
+        result = merge_files_with_state(
+            settings["base"], settings["specialists"], settings["output"], settings["config"],
+            prefix=settings.get("prefix"), device=settings.get("device"),
+            shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        summarize(result)
+        print(f"  state: {Path(result.report['output']) / STATE_DIR}")
+    return 0
+
+
+# ------------------------------------------------------------------------ add / remove (incremental)
+def _incremental_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", required=True, help="the state folder (or the merged folder holding r2m_state/)")
+    p.add_argument("--base", help="the base model (default: the path the state records)")
+    p.add_argument("--old-specialist", action="append", dest="old", metavar="PATH",
+                   help="the state's specialists, in order (repeat; default: the paths the state records)")
+    p.add_argument("--output", help="output folder (default: the merged folder holding the state, replaced)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--device", help="cpu (default) or cuda[:i]; must be the device type the state was made on")
+    p.add_argument("--shard-size", type=size_arg, default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--alpha", type=number(0), help="change α (options that do not enter pass 1 may change)")
+    p.add_argument("--k-real", type=number(1, integer=True))
+    p.add_argument("--power-iters", type=number(0, integer=True))
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
+    p.add_argument("--out-dtype", type=dtype_arg)
+    p.add_argument("--threads", type=number(1, integer=True), help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+
+
+def build_add_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=f"{PROG} add", description="Add a specialist to a merge saved with its state (--save-state).")
+    p.add_argument("--specialist", required=True, help="the new specialist")
+    _incremental_flags(p)
+    return p
+
+
+def build_remove_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=f"{PROG} remove", description="Remove a specialist from a merge saved with its state.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--specialist", help="the specialist to drop, by the path the state records")
+    which.add_argument("--index", type=number(0, integer=True), help="the specialist to drop, by its position (0-based)")
+    _incremental_flags(p)
+    return p
+
+
+def _remerge(args: argparse.Namespace, operation: str) -> int:
+    from r2m_fast import incremental
+    from r2m_fast.safety import DeviceUnavailable, check_device
+
+    try:
+        check_device(args.device)  # before any work, exit 2 as a merge
+    except (ValueError, DeviceUnavailable) as exc:
+        raise CommandError(str(exc)) from None
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = {k: getattr(args, k) for k in ("alpha", "k_real", "power_iters", "backend", "out_dtype")
+                 if getattr(args, k) is not None}
+    common = dict(base=args.base, old_specialists=args.old, output=args.output, device=args.device,
+                  shard_size=args.shard_size, force=args.force, progress=not args.quiet, **overrides)
+    if operation == "add":
+        result = incremental.add_specialist_files(args.state, args.specialist, **common)
+    else:
+        which = args.index if args.index is not None else args.specialist
+        result = incremental.remove_specialist_files(args.state, which, **common)
+    if not args.quiet:
+        r = result.report
+        print(f"{PROG} {operation}: merged {len(r['inputs']['specialists'])} specialists into {r['output']} "
+              f"in {r['timings']['total_seconds']:.2f} s (state in {Path(r['output']) / incremental.STATE_DIR})")
+    return 0
+
+
+# Subcommand → (its parser, what runs it); "merge" when the first argument names none.
+SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
+    "merge": (lambda: build_parser(), lambda args: _run(args)),
+    "add": (lambda: build_add_parser(), lambda args: _remerge(args, "add")),
+    "remove": (lambda: build_remove_parser(), lambda args: _remerge(args, "remove")),
+}
 
 
 if __name__ == "__main__":

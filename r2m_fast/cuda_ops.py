@@ -1,10 +1,10 @@
-"""Backend "cuda": the layer operations of :mod:`r2m_fast.ops_torch` on the CUDA extension.
+"""Backend "cuda": two layer operations of :mod:`r2m_fast.ops_torch` on the CUDA extension.
 
 ``gram_sketch`` and ``accumulate`` run hand-written CUDA kernels from ``csrc/`` (module
-``r2m_fast._cuda``, built by setup.py with nvcc + pybind11, no torch C++ ABI); ``residual_matmul``
-and ``orthonormalize`` delegate to the Triton backend (:mod:`r2m_fast.kernels`), or to
-:mod:`r2m_fast.ops_torch` where Triton does not import. Same names, arguments and results as the
-torch contract, up to floating-point rounding (DESIGN.md §3–4).
+``r2m_fast._cuda``, built by setup.py with nvcc + pybind11, no torch C++ ABI), with the names,
+arguments and results of the torch contract, up to floating-point rounding (DESIGN.md §3–4). They
+are all this backend registers: the op registry (r2m_fast.backends.DELEGATES) serves the cuda
+backend's ``residual_matmul`` and ``orthonormalize`` from Triton, or torch where Triton cannot run.
 
 The extension is imported once, here; a failure is kept, never raised at import: ``import
 r2m_fast`` works without it, :func:`unavailable_reason` says why the backend cannot run, and any
@@ -376,34 +376,6 @@ def accumulate(
     return out if kernel_dtype == out_dtype else out.to(out_dtype)
 
 
-# ------------------------------------------------------------------ delegated to Triton (or torch)
-@lru_cache(maxsize=1)
-def _delegate() -> ModuleType:
-    """The Triton backend when it imports and provides the op, else the torch one."""
-    try:
-        import triton  # noqa: F401
-
-        from r2m_fast import kernels
-
-        if all(hasattr(kernels, name) for name in ("residual_matmul", "orthonormalize")):
-            return kernels
-    except Exception:  # triton missing or broken: the torch implementation is the fallback
-        pass
-    return ops_torch
-
-
-def residual_matmul(
-    weights: Weights, core_coeffs: torch.Tensor, rhs: torch.Tensor, transpose: bool
-) -> torch.Tensor:
-    """Fᵢ rhsᵢ (or Fᵢᵀ rhsᵢ) for every residual: the Triton kernel (torch without Triton)."""
-    return _delegate().residual_matmul(weights, core_coeffs, rhs, transpose)
-
-
-def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
-    """Orthonormal bases of (B, m, s) sketches: the Triton kernel (torch without Triton)."""
-    return _delegate().orthonormalize(y, steps)
-
-
 def describe() -> str:
     """A few lines on the extension: built for which architectures, usable here or why not."""
     lines = []
@@ -418,7 +390,8 @@ def describe() -> str:
         )
         reason = _device_reason()
         lines.append("cuda backend: usable" if reason is None else f"cuda backend: unavailable: {reason}")
-        lines.append(f"residual_matmul/orthonormalize delegate to {_delegate().__name__}")
+        lines.append("residual_matmul, orthonormalize: not CUDA kernels; served by triton, else torch "
+                     "(r2m_fast.backends.DELEGATES)")
     return "\n".join(lines)
 
 

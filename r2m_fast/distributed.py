@@ -39,12 +39,13 @@ import torch.distributed as dist
 from r2m_fast.backends import resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.engine import (
-    LayerSource, MergeState, Sink, accumulate_pass, factor_pass, gram_pass, kept_squares, merge_report, new_state,
+    MergeState, Sink, accumulate_pass, factor_pass, gram_pass, kept_squares, merge_report, new_state,
     residual_norms_from_kept, residual_scales, solve_real_subspace,
 )
 from r2m_fast.plan import DECOMPOSED, LayerPlan
 from r2m_fast.result import MergeResult
 from r2m_fast.safety import make_temp_dir, remove_stale_temps
+from r2m_fast.sources import LayerSource
 
 if TYPE_CHECKING:
     from r2m_fast.spill import Spill
@@ -377,45 +378,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"seconds a rank waits for the others before failing ({DEFAULT_TIMEOUT_S})")
     args = parser.parse_args(argv)
     prog = "r2m_fast.distributed"
-    try:
-        settings = cli.resolve(args)
+
+    settings: dict = {}
+
+    def check() -> int:  # every value before any work (or any process group): exit 2 with one line
+        try:
+            settings.update(cli.resolve(args))
+        except ValueError as exc:
+            raise cli.CommandError(str(exc)) from None
         if settings["method"] != "r2m" or args.example or args.dry_run:
             raise cli.CommandError("the distributed merge runs method r2m only, without --example or --dry-run")
-    except (cli.CommandError, ValueError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return 0
+
+    code = cli.run_command(prog, check, debug=args.debug)
+    if code != 0:
+        return code
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = init_from_env(settings.get("device"), args.dist_timeout)
     rank = dist.get_rank()
     from r2m_fast.io import allowing_safe_globals
 
-    try:
+    def merge() -> int:
         with allowing_safe_globals(bool(settings.get("allow_safe_globals"))):
             result = merge_files_distributed(
                 settings["base"], settings["specialists"], settings["output"], settings["config"],
                 prefix=settings.get("prefix"), device=device, shard_size=settings.get("shard_size") or "5GB",
                 force=args.force, progress=not args.quiet, spill_dir=settings.get("spill_dir"),
             )
-    except KeyboardInterrupt:
-        print(f"{prog}: rank {rank}: interrupted; no partial output was left", file=sys.stderr)
-        dist.destroy_process_group()
-        return 130
-    except Exception as exc:
-        if args.debug:
-            import traceback
+        if rank == 0 and not args.quiet:
+            r = result.report
+            print(f"{prog}: merged {len(r['inputs']['specialists'])} specialists on {r['distributed']['world_size']} "
+                  f"ranks ({r['distributed']['comm_backend']}) into {r['output']} in {r['timings']['total_seconds']:.2f} s")
+        return 0
 
-            traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prog}: rank {rank}: error: {message}", file=sys.stderr)
+    try:
+        return cli.run_command(f"{prog}: rank {rank}", merge, debug=args.debug)
+    finally:
         dist.destroy_process_group()
-        return 1
-    if rank == 0 and not args.quiet:
-        r = result.report
-        print(f"{prog}: merged {len(r['inputs']['specialists'])} specialists on {r['distributed']['world_size']} ranks "
-              f"({r['distributed']['comm_backend']}) into {r['output']} in {r['timings']['total_seconds']:.2f} s")
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,82 +18,30 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, Sequence, Union
 
 import torch
 
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
+from r2m_fast.factors import RealSubspace, ResidualFactors
 from r2m_fast.plan import (
-    COPY, DECOMPOSED, EIGEN_RTOL, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
-    MergeInputError, check_compatible, check_finite,
+    COPY, DECOMPOSED, EIGEN_RTOL, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, build_plan,
+    MergeInputError, check_finite,
 )
 from r2m_fast.result import MergeResult
 from r2m_fast.small_eigh import batched_eigh, method as small_eigh_method
+from r2m_fast.sources import LayerSource
 
 if TYPE_CHECKING:
     import os
 
     from r2m_fast.spill import Spill
 
-Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 Sink = Callable[[str, torch.Tensor], None]
 
 # Relative gap under which λ_k and λ_{k+1} are a tie and the Real subspace is ambiguous.
 TIE_RTOL = 1e-6
-
-
-class LayerSource(Protocol):
-    """Where a merge reads its models from, one parameter of all N+1 models at a time."""
-
-    device: torch.device
-    labels: list[str]  # "base", then one label per specialist, for error messages
-
-    def specs(self) -> Specs:
-        """Name → (shape, dtype) of the base, in merge order; specialists already checked against it."""
-
-    def load(self, name: str) -> list[torch.Tensor]:
-        """[θ₀, θ₁, …, θ_N] of one parameter on `device`."""
-
-
-class DictSource:
-    """A LayerSource over in-memory state dicts (or modules)."""
-
-    def __init__(self, base: ModelLike, specialists: Sequence[ModelLike], device: Optional[torch.device] = None):
-        self.labels = ["base"] + [f"specialists[{i}]" for i in range(len(specialists))]
-        self._models = [as_state_dict(base, "base")] + [
-            as_state_dict(s, label) for s, label in zip(specialists, self.labels[1:])
-        ]
-        specs = [{k: (tuple(v.shape), v.dtype) for k, v in sd.items()} for sd in self._models]
-        check_compatible(list(specs[0]), specs[0], specs[1:], self.labels[1:])
-        self._specs = specs[0]
-        first = next(iter(self._models[0].values()), None)
-        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
-
-    def specs(self) -> Specs:
-        return self._specs
-
-    def load(self, name: str) -> list[torch.Tensor]:
-        return [sd[name].to(self.device) for sd in self._models]
-
-
-@dataclass
-class RealSubspace:
-    """Result of the N×N solve (DESIGN §1 step 1)."""
-
-    eigenvalues: list[float]
-    k: int                                    # directions kept (≤ k_real; fewer when C is degenerate)
-    coeffs: dict[str, torch.Tensor]           # per merged layer: w with τ_coreˡ = Σⱼ wⱼ τⱼˡ (fp64, CPU)
-    core_norm: float
-
-
-@dataclass
-class ResidualFactors:
-    """Rank-r factors of a layer's N truncated residuals: F̃ᵢ = Lᵢ Rᵢᵀ, ‖F̃ᵢ‖² = kept_sq[i]."""
-
-    left: torch.Tensor     # (N, m, r) fp32 = Qᵢ U_r S_r
-    right: torch.Tensor    # (N, n, r) fp32 = V_r
-    kept_sq: torch.Tensor  # (N,) fp64 on CPU
 
 
 @dataclass
@@ -117,7 +65,7 @@ class MergeState:
         return {} if self.spill is None else self.spill.store(kind)
 
 
-def new_state(source: "LayerSource", config: R2MConfig, backend: Backend, spill: Optional["Spill"] = None) -> MergeState:
+def new_state(source: LayerSource, config: R2MConfig, backend: Backend, spill: Optional["Spill"] = None) -> MergeState:
     """The empty state of a merge of `source` with `config` on `backend` (spilling into `spill` if given)."""
     return MergeState(
         plan=build_plan(source.specs(), config),
@@ -127,7 +75,7 @@ def new_state(source: "LayerSource", config: R2MConfig, backend: Backend, spill:
 
 
 def layer_seed(seed: int, name: str) -> int:
-    """Seed of one layer's test matrix: depends on the merge seed and the name only, so any order of
+    """Seed of one layer's sketch matrix Ω: depends on the merge seed and the name only, so any order of
     processing (or any rank of a distributed merge) draws the same Ω."""
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
 
@@ -151,7 +99,7 @@ def range_finder_dtype(config: R2MConfig, device: torch.device, backend: str) ->
     return torch.bfloat16 if config.range_finder_precision == "bf16" else torch.float32
 
 
-def test_matrix(layer: LayerPlan, config: R2MConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def sketch_matrix(layer: LayerPlan, config: R2MConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Ω (n, s), standard Gaussian drawn in fp32 and seeded per layer, then cast to `dtype`."""
     generator = torch.Generator(device=device).manual_seed(layer_seed(config.seed, layer.name))
     n, s = layer.matrix[1], sketch_width(layer, config.oversample)
@@ -184,7 +132,7 @@ def gram_pass(
     for layer in _progress(layers, "pass 1/3: Grams and sketches", progress):
         weights = source.load(layer.name)
         omega = (
-            test_matrix(layer, config, source.device, state.range_finder_dtype) if layer.rank is not None else None
+            sketch_matrix(layer, config, source.device, state.range_finder_dtype) if layer.rank is not None else None
         )
         gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
         grams.append(gram.detach().to(torch.float64))
@@ -531,6 +479,7 @@ def merge_report(
     return {
         "method": "r2m",
         "backend": backend.name,
+        "ops": dict(backend.routes),  # which backend ran each op (r2m_fast.backends)
         "device": str(device),
         "core_norm": real.core_norm,
         "eta": eta,

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from r2m_fast.result import MergeResult
 
 EMBED, DEPTH, MLP, PATCH, CLASSES, TOKENS = 192, 4, 768, 16, 10, 197
 SPECIALISTS = ("cars", "flowers", "satellite")
@@ -110,8 +113,9 @@ def write_example(folder: Union[str, os.PathLike]) -> tuple[Path, list[Path]]:
 def run_example(
     folder: Union[str, os.PathLike], force: bool = False, quiet: bool = False, device: Optional[str] = None,
     threads: Optional[int] = 1, spill_dir: Optional[Union[str, os.PathLike]] = None,
-) -> None:
-    """Build the example models under `folder`, merge them into folder/merged, print the report.
+) -> "MergeResult":
+    """Build the example models under `folder` and merge them into folder/merged (the caller prints
+    the summary: r2m-merge --example does).
 
     Runs on one CPU thread unless `threads` says otherwise: its layers are small enough that more
     threads only add synchronization, and on a busy two-core machine OpenMP threads spinning for a
@@ -121,15 +125,14 @@ def run_example(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        _run_example(Path(folder), force, quiet, device, spill_dir)
+        return _run_example(Path(folder), force, quiet, device, spill_dir)
     finally:
         torch.set_num_threads(previous)
 
 
 def _run_example(
     folder: Path, force: bool, quiet: bool, device: Optional[str], spill_dir: Optional[Union[str, os.PathLike]],
-) -> None:
-    from r2m_fast.cli import summarize
+) -> "MergeResult":
     from r2m_fast.config import R2MConfig
     from r2m_fast.io import merge_checkpoints
 
@@ -138,9 +141,7 @@ def _run_example(
         print(f"wrote a synthetic ViT ({sum(t.numel() for t in build_models(0)[0].values()) / 1e6:.1f} M parameters) "
               f"and {len(specialists)} specialists under {folder}")
         print(f"merging: r2m-merge {folder / 'merge.yaml'}")
-    result = merge_checkpoints(
+    return merge_checkpoints(
         base, specialists, folder / "merged", R2MConfig(head_prefix="head."), device=device, force=force,
         progress=not quiet, spill_dir=spill_dir,
     )
-    if not quiet:
-        summarize(result)

@@ -22,12 +22,11 @@ row/column of each Gram and the model's sketches); it reads the base and the Nâˆ
 
 API: merge_with_state / add_specialist / remove_specialist (in memory), merge_files_with_state /
 add_specialist_files / remove_specialist_files (checkpoints on disk), save_state / load_state.
-CLI: ``python -m r2m_fast.incremental {merge,add,remove} ...`` (add_main, remove_main, merge_main).
+Command line: ``r2m-merge add|remove`` and ``r2m-merge --save-state`` (r2m_fast.cli).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -39,15 +38,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from r2m_fast import cli
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
-from r2m_fast.engine import (
-    DictSource, LayerSource, MergeState, merge_from_state, new_state, test_matrix, gram_pass,
-)
+from r2m_fast.engine import MergeState, gram_pass, merge_from_state, new_state, sketch_matrix
 from r2m_fast.plan import DECOMPOSED, MergeInputError, ModelLike, check_finite
 from r2m_fast.result import MergeResult
-from r2m_fast.safety import DeviceUnavailable, check_device
+from r2m_fast.safety import check_device
+from r2m_fast.sources import DictSource, LayerSource
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -368,7 +365,7 @@ def _add_pass(source: LayerSource, state: IncrementalState, merge_state: MergeSt
         _check_gram_block(layer.name, gram[:N, :N], state.grams[layer.name], source.labels)
         merge_state.grams[layer.name] = gram
         if layer.rank is not None:
-            omega = test_matrix(layer, config, source.device, merge_state.range_finder_dtype)
+            omega = sketch_matrix(layer, config, source.device, merge_state.range_finder_dtype)
             _, new = ops.gram_sketch([weights[0], weights[-1]], omega)
             old = state.sketch(layer.name).to(source.device)
             merge_state.sketches[layer.name] = torch.cat([old, new])
@@ -678,126 +675,9 @@ def remove_specialist_files(
                         shard_size=shard_size, force=force, progress=progress, operation="remove")
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: python -m r2m_fast.incremental {merge,add,remove}; the lead wires add/remove into r2m-merge
-# ----------------------------------------------------------------------------------------------
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", required=True, help="the state folder (or the merged folder holding r2m_state/)")
-    p.add_argument("--base", help="the base model (default: the path the state records)")
-    p.add_argument("--old-specialist", action="append", dest="old", metavar="PATH",
-                   help="the state's specialists, in order (repeat; default: the paths the state records)")
-    p.add_argument("--output", help="output folder (default: the merged folder holding the state, replaced)")
-    p.add_argument("--force", action="store_true", help="replace an existing --output folder")
-    p.add_argument("--device", help="cpu (default) or cuda[:i]; must be the device type the state was made on")
-    p.add_argument("--shard-size", type=cli.size_arg, default="5GB", help="largest output shard (default 5GB)")
-    p.add_argument("--alpha", type=cli.number(0), help="change Î± (options that do not enter pass 1 may change)")
-    p.add_argument("--k-real", type=cli.number(1, integer=True))
-    p.add_argument("--power-iters", type=cli.number(0, integer=True))
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
-    p.add_argument("--out-dtype", type=cli.dtype_arg)
-    p.add_argument("--threads", type=cli.number(1, integer=True), help="CPU threads for torch")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in ("alpha", "k_real", "power_iters", "backend", "out_dtype")
-            if getattr(args, k) is not None}
-
-
-def _run_cli(prog: str, args: argparse.Namespace, body: Callable[[], MergeResult]) -> int:
-    try:
-        check_device(args.device)  # before any work, exit 2 as r2m-merge
-    except (ValueError, DeviceUnavailable) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        result = body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no output was written", file=sys.stderr)
-        return 130
-    except Exception as exc:  # one clear line; --debug shows where
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        r = result.report
-        print(f"{prog}: merged {len(r['inputs']['specialists'])} specialists into {r['output']} "
-              f"in {r['timings']['total_seconds']:.2f} s (state in {Path(r['output']) / STATE_DIR})")
-    return 0
-
-
-def add_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``r2m-merge add --state DIR --specialist PATH [--output DIR] ...``; returns the exit code."""
-    p = cli.ArgumentParser(prog="r2m-merge add", description="Add a specialist to a merge saved with its state.")
-    p.add_argument("--specialist", required=True, help="the new specialist")
-    _common(p)
-    args = p.parse_args(argv)
-    return _run_cli("r2m-merge add", args, lambda: add_specialist_files(
-        args.state, args.specialist, base=args.base, old_specialists=args.old, output=args.output,
-        device=args.device, shard_size=args.shard_size, force=args.force, progress=not args.quiet,
-        **_overrides(args)))
-
-
-def remove_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``r2m-merge remove --state DIR (--specialist PATH | --index I) [--output DIR] ...``."""
-    p = cli.ArgumentParser(prog="r2m-merge remove", description="Remove a specialist from a merge saved with its state.")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--specialist", help="the specialist to drop, by the path the state records")
-    which.add_argument("--index", type=cli.number(0, integer=True), help="the specialist to drop, by its position (0-based)")
-    _common(p)
-    args = p.parse_args(argv)
-    return _run_cli("r2m-merge remove", args, lambda: remove_specialist_files(
-        args.state, args.index if args.index is not None else args.specialist, base=args.base,
-        old_specialists=args.old, output=args.output, device=args.device, shard_size=args.shard_size,
-        force=args.force, progress=not args.quiet, **_overrides(args)))
-
-
-def merge_main(argv: Optional[Sequence[str]] = None) -> int:
-    """A full merge that also saves its state: every r2m-merge flag and YAML key (method r2m only)."""
-    from r2m_fast.io import allowing_safe_globals
-
-    parser = cli.build_parser()
-    parser.prog = "python -m r2m_fast.incremental merge"
-    args = parser.parse_args(argv)
-    try:
-        settings = cli.resolve(args)
-    except (cli.CommandError, ValueError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    if settings["method"] != "r2m":
-        print(f"{parser.prog}: error: a merge state exists for method r2m only", file=sys.stderr)
-        return 2
-    if settings.get("spill_dir") is not None:
-        # save_state gathers every sketch in memory to write the state: spilling would not bound memory.
-        print(f"{parser.prog}: error: --spill-dir does not combine with --save-state", file=sys.stderr)
-        return 2
-    def body() -> MergeResult:
-        with allowing_safe_globals(bool(settings.get("allow_safe_globals"))):
-            return merge_files_with_state(
-                settings["base"], settings["specialists"], settings["output"], settings["config"],
-                prefix=settings.get("prefix"), device=settings.get("device"),
-                shard_size=settings.get("shard_size") or "5GB", force=args.force, progress=not args.quiet)
-
-    return _run_cli(parser.prog, args, body)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"merge": merge_main, "add": add_main, "remove": remove_main}
-    if not argv or argv[0] not in commands:
-        print("usage: python -m r2m_fast.incremental {merge,add,remove} ... (--help after the command)", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m r2m_fast.incremental {merge,add,remove} ...` is r2m-merge's (merge: with --save-state).
+    from r2m_fast.cli import main
+
+    argv = sys.argv[1:]
+    sys.exit(main(["merge", "--save-state", *argv[1:]] if argv[:1] == ["merge"] else argv))

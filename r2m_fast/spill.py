@@ -37,7 +37,7 @@ from typing import Any, Iterator, MutableMapping, Optional, Union
 
 import torch
 
-from r2m_fast.engine import ResidualFactors
+from r2m_fast.factors import ResidualFactors
 from r2m_fast.io import SafetensorsFile, write_safetensors
 from r2m_fast.plan import MergeInputError
 

@@ -118,11 +118,11 @@ def test_ops_routed_across_backends_match_reference(monkeypatch, num_specialists
     """auto on a GPU mixes backends op by op (backends._AUTO_ROUTES); here the same mixing of
     triton and torch, which the interpreter can run on CPU, against the reference."""
     from r2m_fast import engine
-    from r2m_fast.backends import RoutedBackend
+    from r2m_fast.backends import Backend
 
     device = _device_for("triton")
-    routes = RoutedBackend((
-        ("gram_sketch", "triton"), ("residual_matmul", "triton"), ("residual_matmul_T", "torch"),
+    routes = Backend("auto(mixed)", (
+        ("gram_sketch", "triton"), ("residual_matmul", "triton"), ("residual_matmul[transpose]", "torch"),
         ("orthonormalize", "torch"), ("accumulate", "triton"),
     ))
     monkeypatch.setattr(engine, "resolve_backend", lambda requested, device: routes)

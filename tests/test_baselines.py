@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import r2m_fast
 from r2m_fast.baselines import METHODS, method_options, tsvm_tau
-from r2m_fast.engine import DictSource
+from r2m_fast.sources import DictSource
 from r2m_fast.baselines import run_baseline
 from tolerances import BASELINE_FP32_CAST, MERGEKIT_PARITY, TSVM_EXACT_FP64
 

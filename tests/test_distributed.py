@@ -44,7 +44,7 @@ def free_port() -> int:
 def _worker(rank: int, port: int, folder: str) -> None:
     """One rank: an in-memory merge (its layers saved for the parent), a file merge, a failing merge."""
     from r2m_fast.distributed import RankFailed, merge_distributed, merge_files_distributed
-    from r2m_fast.engine import DictSource
+    from r2m_fast.sources import DictSource
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -186,3 +186,20 @@ def test_assignment_is_balanced_and_deterministic():
     assert owner["big"] == 0 and abs(loads[0] - loads[1]) <= 64 * 64
     equal = build_plan({f"l{i}": ((8, 8), torch.float32) for i in range(5)}, R2MConfig())
     assert [assign_layers(equal, 3)[f"l{i}"] for i in range(5)] == [0, 1, 2, 0, 1]  # round robin
+
+
+def test_entry_point_refuses_bad_values_with_exit_2_before_any_process_group(tmp_path, capsys):
+    """r2m_fast.distributed's entry point shares r2m-merge's error handler (r2m_fast.cli.run_command)."""
+    from safetensors.torch import save_file
+
+    from r2m_fast.distributed import main
+
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": torch.zeros(2, 2)}, path)
+    common = ["--base", path, "--specialist", path, "--output", str(tmp_path / "out")]
+    assert main([*common, "--specialist", path, "--method", "ties"]) == 2
+    assert main(common) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "r2m_fast.distributed: error: the distributed merge runs method r2m only, without --example or --dry-run",
+        "r2m_fast.distributed: error: need at least 2 specialists: --specialist PATH (repeat) or 'specialists:' in the config",
+    ]

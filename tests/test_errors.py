@@ -133,62 +133,110 @@ def test_backend_environment_override(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")).name == "torch"
 
 
+def _available(monkeypatch, **names: bool) -> None:
+    """Make the named backends run (or not) on any device, keeping what each registers."""
+    import dataclasses
+
+    from r2m_fast import backends
+
+    for name, ok in names.items():
+        reason = (lambda device: None) if ok else (lambda device: "not here")
+        monkeypatch.setitem(backends.BACKENDS, name, dataclasses.replace(backends.BACKENDS[name], unavailable_reason=reason))
+
+
 def test_auto_on_cuda_tensors_routes_each_op_to_its_measured_fastest_available_backend(monkeypatch):
     """auto follows the GPU suite per op (backends._AUTO_ROUTES), skipping backends that cannot run."""
     from r2m_fast import backends
 
     monkeypatch.delenv("R2M_BACKEND", raising=False)
     monkeypatch.setattr(backends, "_logged_fallbacks", set())
-
-    def available(**names: bool) -> None:
-        for name, ok in names.items():
-            reason = (lambda device: None) if ok else (lambda device: "not here")
-            monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(name, f"r2m_fast.{name}", reason))
-
     cuda = torch.device("cuda")
-    available(cuda=True, triton=True)
+    _available(monkeypatch, cuda=True, triton=True)
     chosen = resolve_backend("auto", cuda)
     assert dict(chosen.routes) == {
-        "gram_sketch": "cuda", "residual_matmul": "triton", "residual_matmul_T": "torch",
+        "gram_sketch": "cuda", "residual_matmul": "triton", "residual_matmul[transpose]": "torch",
         "orthonormalize": "torch", "accumulate": "cuda",
     }
     assert chosen.name == (
-        "auto(gram_sketch=cuda, residual_matmul=triton, residual_matmul_T=torch, orthonormalize=torch, accumulate=cuda)"
+        "auto(gram_sketch=cuda, residual_matmul=triton, residual_matmul[transpose]=torch, orthonormalize=torch, "
+        "accumulate=cuda)"
     )
-    available(cuda=False, triton=True)
+    _available(monkeypatch, cuda=False, triton=True)
     assert dict(resolve_backend("auto", cuda).routes) == {
-        "gram_sketch": "triton", "residual_matmul": "triton", "residual_matmul_T": "torch",
+        "gram_sketch": "triton", "residual_matmul": "triton", "residual_matmul[transpose]": "torch",
         "orthonormalize": "torch", "accumulate": "torch",
     }
-    available(cuda=False, triton=False)
+    _available(monkeypatch, cuda=False, triton=False)
     assert resolve_backend("auto", cuda).name == "torch"  # one backend for everything: the plain one
     assert resolve_backend("torch", cuda).name == "torch"
 
 
-def test_routed_ops_call_the_routed_module_and_split_residual_matmul_by_transpose():
-    from types import SimpleNamespace
+def test_cuda_backend_runs_its_own_two_ops_and_the_table_delegates_the_others(monkeypatch, caplog):
+    """The cuda backend registers gram_sketch and accumulate only; the registry serves the other ops
+    from triton, else torch, and logs a skipped delegate once."""
+    import logging
 
-    from r2m_fast.backends import RoutedOps
+    from r2m_fast import backends
+
+    monkeypatch.setattr(backends, "_logged_fallbacks", set())
+    assert backends.BACKENDS["cuda"].implements == {"gram_sketch", "accumulate"}
+    cuda = torch.device("cuda")
+    _available(monkeypatch, cuda=True, triton=True)
+    routes = dict(resolve_backend("cuda", cuda).routes)
+    assert routes == {
+        "gram_sketch": "cuda", "residual_matmul": "triton", "residual_matmul[transpose]": "triton",
+        "orthonormalize": "triton", "accumulate": "cuda",
+    }
+    _available(monkeypatch, triton=False)
+    with caplog.at_level(logging.INFO, logger="r2m_fast"):
+        for _ in range(2):
+            routes = dict(resolve_backend("cuda", cuda).routes)
+    assert routes["residual_matmul"] == routes["orthonormalize"] == "torch"
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2 and all("not here" in m for m in skipped), skipped  # per op, once
+
+
+def test_routed_ops_call_the_routed_backend_and_split_residual_matmul_by_transpose(monkeypatch):
+    import dataclasses
+
+    from r2m_fast import backends
 
     calls = []
 
-    def module(tag):
+    def provider(tag, own_operator=False):
         def record(op):
             return lambda *args: calls.append((tag, op, args)) or tag
 
-        return SimpleNamespace(**{op: record(op) for op in ("gram_sketch", "residual_matmul", "orthonormalize", "accumulate")})
+        ops = [op for op in backends.OPS if op != "residual_operator" or own_operator]
+        return dataclasses.replace(
+            backends.BACKENDS["torch"], name=tag, implements=frozenset(ops), load=lambda: {op: record(op) for op in ops}
+        )
 
-    ops = RoutedOps({
-        "gram_sketch": module("g"), "residual_matmul": module("p"), "residual_matmul_T": module("t"),
-        "orthonormalize": module("o"), "accumulate": module("a"),
-    })
-    assert ops.gram_sketch("w", "omega") == "g"
-    assert ops.residual_matmul("w", "c", "rhs", False) == "p"
-    assert ops.residual_matmul("w", "c", "rhs", True) == "t"
-    assert ops.orthonormalize("y") == "o"
-    assert ops.accumulate("w", "a", "l", "r", "dt") == "a"
-    assert calls == [
-        ("g", "gram_sketch", ("w", "omega")), ("p", "residual_matmul", ("w", "c", "rhs", False)),
-        ("t", "residual_matmul", ("w", "c", "rhs", True)), ("o", "orthonormalize", ("y", 3)),
-        ("a", "accumulate", ("w", "a", "l", "r", "dt")),
-    ]
+    for tag in "gptoa":
+        monkeypatch.setitem(backends.BACKENDS, tag, provider(tag))
+    monkeypatch.setitem(backends.BACKENDS, "s", provider("s", own_operator=True))
+    backends._kernels.cache_clear()
+    try:
+        ops = backends.Backend("mixed", (
+            ("gram_sketch", "g"), ("residual_matmul", "p"), ("residual_matmul[transpose]", "t"),
+            ("orthonormalize", "o"), ("accumulate", "a"),
+        )).ops()
+        assert ops.gram_sketch("w", "omega") == "g"
+        assert ops.residual_matmul("w", "c", "rhs", False) == "p"
+        assert ops.residual_matmul("w", "c", "rhs", True) == "t"
+        operator = ops.residual_operator("w", "c")  # derived: each product goes to its routed backend
+        assert operator("rhs", True) == "t" and operator("rhs", False) == "p"
+        assert ops.orthonormalize("y") == "o"
+        assert ops.accumulate("w", "a", "l", "r", "dt") == "a"
+        assert calls == [
+            ("g", "gram_sketch", ("w", "omega")), ("p", "residual_matmul", ("w", "c", "rhs", False)),
+            ("t", "residual_matmul", ("w", "c", "rhs", True)), ("t", "residual_matmul", ("w", "c", "rhs", True)),
+            ("p", "residual_matmul", ("w", "c", "rhs", False)), ("o", "orthonormalize", ("y",)),
+            ("a", "accumulate", ("w", "a", "l", "r", "dt")),
+        ]
+        calls.clear()
+        own = backends.Backend("s", tuple((entry, "s") for entry in backends.ROUTED)).ops()
+        assert own.residual_operator("w", "c") == "s"  # a backend's own residual_operator is used
+        assert calls == [("s", "residual_operator", ("w", "c"))]
+    finally:
+        backends._kernels.cache_clear()

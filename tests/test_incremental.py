@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import r2m_fast
 from models import model_family
+from r2m_fast import cli
 from r2m_fast import incremental as inc
 from r2m_fast.config import R2MConfig
 from r2m_fast.io import load_state_dict
@@ -121,7 +122,7 @@ def test_files_state_round_trip_add_and_remove_cli(tmp_path):
         assert torch.equal(loaded.sketch(name), mem.sketch(name)), name
 
     # add through the CLI, in place (no --output: the merged folder is rewritten with its new state)
-    assert inc.add_main(["--state", str(out / inc.STATE_DIR), "--specialist", str(specs[2]), "--quiet"]) == 0
+    assert cli.main(["add", "--state", str(out / inc.STATE_DIR), "--specialist", str(specs[2]), "--quiet"]) == 0
     assert_same(load_state_dict(out), r2m_fast.merge(models[0], models[1:], CONFIG).state_dict)
     report = json.loads((out / "merge_report.json").read_text())
     assert report["incremental"]["operation"] == "add" and inc.load_state(out).num_specialists == 3
@@ -129,7 +130,7 @@ def test_files_state_round_trip_add_and_remove_cli(tmp_path):
     # remove by recorded path into a new folder; the removed model is not read, so it may be gone
     specs[0].rename(tmp_path / "moved.safetensors")
     out2 = tmp_path / "removed"
-    assert inc.remove_main(["--state", str(out), "--specialist", str(specs[0]), "--output", str(out2), "--quiet"]) == 0
+    assert cli.main(["remove", "--state", str(out), "--specialist", str(specs[0]), "--output", str(out2), "--quiet"]) == 0
     want = r2m_fast.merge(models[0], [models[2], models[3]], CONFIG).state_dict
     assert_close_update(load_state_dict(out2), want, models[0])
 
@@ -138,7 +139,7 @@ def test_changed_file_is_refused_before_reading(tmp_path, capsys):
     models = model_family(3, seed=9)
     base, specs = _write(models, tmp_path / "in")
     out = tmp_path / "merged"
-    assert inc.main(["merge", "--base", str(base), "--specialist", str(specs[0]), "--specialist", str(specs[1]),
+    assert cli.main(["merge", "--save-state", "--base", str(base), "--specialist", str(specs[0]), "--specialist", str(specs[1]),
                      "--output", str(out), "--rank-ratio", "0.2", "--head-prefix", "head.", "--backend", "torch",
                      "--range-finder-precision", "fp32", "--quiet"]) == 0
     assert inc.load_state(out).config == CONFIG
@@ -147,7 +148,7 @@ def test_changed_file_is_refused_before_reading(tmp_path, capsys):
     save_file(changed, str(specs[1]))
     with pytest.raises(MergeInputError, match=r"s2.safetensors: checkpoint file has changed since the state was saved \(content differs\)"):
         inc.add_specialist_files(out, specs[2], output=tmp_path / "o")
-    assert inc.add_main(["--state", str(out), "--specialist", str(specs[2]), "--output", str(tmp_path / "o")]) == 1
+    assert cli.main(["add", "--state", str(out), "--specialist", str(specs[2]), "--output", str(tmp_path / "o")]) == 1
     assert "has changed since the state was saved" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -155,9 +156,6 @@ def test_changed_file_is_refused_before_reading(tmp_path, capsys):
 def test_r2m_merge_command_dispatches_add_and_remove(tmp_path):
     """`r2m-merge --save-state`, `r2m-merge add` and `r2m-merge remove` reach the incremental commands."""
     from safetensors.torch import save_file
-
-    from models import model_family
-    from r2m_fast import cli
 
     models = model_family(3, with_buffer=False)
     paths = []
@@ -171,3 +169,26 @@ def test_r2m_merge_command_dispatches_add_and_remove(tmp_path):
     assert (out / "r2m_state").is_dir()
     assert cli.main(["add", "--state", str(out / "r2m_state"), "--specialist", paths[3], "--quiet"]) == 0
     assert cli.main(["remove", "--state", str(out / "r2m_state"), "--index", "2", "--quiet"]) == 0
+
+
+def test_save_state_is_a_flag_of_merge_with_one_line_errors(tmp_path, capsys):
+    """--save-state is parsed as any flag (after a subcommand or a CONFIG too), and what it cannot do
+    is refused with exit 2 and one line; the old `python -m r2m_fast.incremental` form still works."""
+    import subprocess
+    import sys
+
+    assert cli.build_parser().parse_args(["c.yaml", "--save-state"]).save_state
+    models = model_family(2, seed=3, with_buffer=False)
+    base, specs = _write(models, tmp_path / "in")
+    args = ["--base", str(base), "--specialist", str(specs[0]), "--specialist", str(specs[1]), "--quiet"]
+    assert cli.main(["merge", "--save-state", "--method", "ties", "--output", str(tmp_path / "t"), *args]) == 2
+    assert cli.main(["--save-state", "--spill-dir", str(tmp_path), "--output", str(tmp_path / "s"), *args]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["r2m-merge: error: --save-state: a merge state exists for method r2m only",
+                   "r2m-merge: error: --spill-dir does not combine with --save-state"]
+    assert cli.main(["add", "--state", str(tmp_path / "missing"), "--specialist", str(specs[0]), "--bogus"]) == 2
+    assert "r2m-merge add: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    run = subprocess.run([sys.executable, "-m", "r2m_fast.incremental", "merge", "--output", str(tmp_path / "m"),
+                          "--rank-ratio", "0.2", *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert inc.load_state(tmp_path / "m").num_specialists == 2

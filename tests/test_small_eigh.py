@@ -484,8 +484,9 @@ def test_gpu_pass2_and_pass3_host_syncs_do_not_grow_with_layers():
     """Pass 2 on CUDA synchronizes per shape group (the eigensolver's and Cholesky's info checks), never
     per layer, and pass 3 (torch backend) not per layer either: 4 and 12 same-shape layers make the
     same number of synchronizing calls."""
+    from r2m_fast.sources import DictSource
     from r2m_fast.engine import (
-        DictSource, accumulate_pass, factor_pass, gram_pass, new_state, residual_norms, residual_scales,
+        accumulate_pass, factor_pass, gram_pass, new_state, residual_norms, residual_scales,
         solve_real_subspace,
     )
     from r2m_fast.backends import resolve_backend
