@@ -24,9 +24,6 @@ from r2m_fast.baselines import METHODS, OPTION_NAMES
 PROG = "r2m-merge"
 # YAML keys that are not R2MConfig fields or method options.
 RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "shard_size", "device", "spill_dir")
-# Rough rates for the --dry-run time estimate; the estimate says which it assumed.
-ASSUMED_READ_BYTES_PER_S = 1.0e9
-ASSUMED_FLOPS = {"cpu": 5.0e10, "cuda": 2.0e13}
 
 
 class Terminated(BaseException):
@@ -188,10 +185,14 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     from r2m_fast.plan import DECOMPOSED, PASSTHROUGH, build_plan
 
     config, method = settings["config"], settings["method"]
+    from r2m_fast.estimate import calibrate
+    from r2m_fast.pipeline import resident_fits
+
+    N = len(settings["specialists"])
     with FileSource(settings["base"], settings["specialists"], device=settings.get("device"),
                     prefix=settings.get("prefix")) as source:
         specs = source.specs()
-    N = len(settings["specialists"])
+        rates = calibrate(source, method, N, settings.get("output"))
     device = torch.device(settings.get("device") or "cpu")
     model_bytes = sum(math.prod(s) * d.itemsize for s, d in specs.values())
     print(f"{PROG} --dry-run: method {method}, {N} specialists, {len(specs)} tensors, "
@@ -241,20 +242,47 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
                 flops += N * 4 * shape[0] * shape[1] * k + 4 * shape[0] * shape[1] * k
             print(f"{name:<48} {str(tuple(shape)):<20} {str(dtype).removeprefix('torch.'):<9} {kind:<12} -", file=out)
         passes = 1
-    read = passes * (N + 1) * model_bytes
-    rate = ASSUMED_FLOPS["cuda" if device.type == "cuda" else "cpu"]
-    seconds = max(read / ASSUMED_READ_BYTES_PER_S, flops / rate)
+    # Peak RSS: this process now (torch and all), the mapped inputs (all N+1 models when R²M keeps
+    # them resident, else the layer in use and the next), the largest layer's work buffers and up to
+    # three merged tensors in flight to the writer thread.
+    inputs_bytes = (N + 1) * model_bytes
+    resident_inputs = method == "r2m" and resident_fits(inputs_bytes)
+    numel_max = max((math.prod(s) for s, d in specs.values() if d.is_floating_point), default=0)
+    out_size = config.out_dtype.itemsize if config.out_dtype is not None else max(
+        (d.itemsize for _, d in specs.values()), default=4)
+    layer_in = max((math.prod(s) * d.itemsize * (N + 1) for s, d in specs.values()), default=0)
+    mapped = inputs_bytes if resident_inputs else 2 * layer_in
+    if method == "r2m":
+        work = 4 * numel_max * (N + 2) + 3 * numel_max * max(out_size, 4)
+    else:
+        work = 3 * numel_max * out_size
+        if method == "ties":
+            work += numel_max * (16 + N)  # |τᵢ| and kthvalue's copy in float64, the N trim masks
+        elif method == "tsvm":
+            work = max(work, largest)
     spill = settings.get("spill_dir") if method == "r2m" else None
-    print(f"estimated peak memory: {_fmt_bytes(largest + (0 if spill else resident))} "
-          f"(largest layer of {N + 1} models with fp32 work copies {_fmt_bytes(largest)}"
+    peak = rates.baseline_rss + mapped + work + (0 if spill else resident)
+    elements = sum(math.prod(s) for s, d in specs.values() if d.is_floating_point)
+    read_passes = 1 if (method != "r2m" or resident_inputs) else passes
+    read_s = read_passes * inputs_bytes / rates.read_bytes_per_s
+    element_s = (passes if method == "r2m" else 1) * elements * rates.element_seconds
+    gemm_s = flops / rates.gemm_flops if method in ("r2m", "tsvm") else 0.0
+    write_s = sum(math.prod(s) * (out_size if d.is_floating_point else d.itemsize) for s, d in specs.values()) \
+        / rates.write_bytes_per_s
+    seconds = rates.startup_seconds + read_s + element_s + gemm_s + write_s
+    where = ("inputs resident between passes" if resident_inputs else "inputs streamed layer by layer")
+    print(f"estimated peak memory: {_fmt_bytes(peak)} (this process now {_fmt_bytes(rates.baseline_rss)}; "
+          f"{where}, mapped {_fmt_bytes(mapped)}; largest layer's work {_fmt_bytes(work)}"
           + (f", sketches and residual factors {_fmt_bytes(resident)}" if method == "r2m" and not spill else "")
           + ")", file=out)
     if spill:
         print(f"spilled to {spill}: sketches and residual factors, at most {_fmt_bytes(resident)} of disk", file=out)
-    print(f"estimated work: {flops / 1e9:.2f} GFLOP, {_fmt_bytes(read)} read in {passes} pass(es), "
-          f"{_fmt_bytes(model_bytes)} written", file=out)
-    print(f"estimated time: {seconds:.1f} s (assuming {ASSUMED_READ_BYTES_PER_S / 1e9:.0f} GB/s reads and "
-          f"{rate / 1e9:.0f} GFLOP/s on {device.type})", file=out)
+    print(f"estimated work: {flops / 1e9:.2f} GFLOP, {_fmt_bytes(read_passes * inputs_bytes)} read in "
+          f"{passes} pass(es), {_fmt_bytes(model_bytes)} written", file=out)
+    print(f"estimated time: {seconds:.1f} s (start-up {rates.startup_seconds:.1f} s, reading {read_s:.1f} s at "
+          f"{rates.read_bytes_per_s / 1e9:.1f} GB/s, elementwise {element_s:.1f} s, GEMMs {gemm_s:.1f} s at "
+          f"{rates.gemm_flops / 1e9:.0f} GFLOP/s, writing {write_s:.1f} s at {rates.write_bytes_per_s / 1e9:.1f} "
+          f"GB/s; rates measured now on {device.type})", file=out)
 
 
 def summarize(result, out=None) -> None:

@@ -28,6 +28,7 @@ from r2m_fast.plan import (
     COPY, DECOMPOSED, EIGEN_RTOL, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, ModelLike, as_state_dict, build_plan,
     MergeInputError, check_compatible, check_finite,
 )
+from r2m_fast.pipeline import cpu_workers, one_thread_per_worker, ordered_map
 from r2m_fast.result import MergeResult
 
 if TYPE_CHECKING:
@@ -180,15 +181,21 @@ def gram_pass(
     """
     layers = [layer for layer in state.plan if layer.merged]
     grams = []
-    for layer in _progress(layers, "pass 1/3: Grams and sketches", progress):
-        weights = source.load(layer.name)
+
+    def one(layer: LayerPlan, weights: list[torch.Tensor]):
         omega = (
             test_matrix(layer, config, source.device, state.range_finder_dtype) if layer.rank is not None else None
         )
         gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
-        grams.append(gram.detach().to(torch.float64))
-        if sketch is not None:
-            state.sketches[layer.name] = sketch
+        return gram.detach().to(torch.float64), sketch
+
+    workers = cpu_workers(source.device)
+    with one_thread_per_worker(workers):
+        results = ordered_map(one, ((layer, source.load(layer.name)) for layer in layers), workers)
+        for layer, (gram, sketch) in zip(_progress(layers, "pass 1/3: Grams and sketches", progress), results):
+            grams.append(gram)
+            if sketch is not None:
+                state.sketches[layer.name] = sketch
     if not grams:
         return
     stacked = torch.stack(grams).cpu()
@@ -327,24 +334,31 @@ def factor_pass(
         batches = [[layer] for layer in layers]
     factors = state.new_store("factors")
     bar = _progress(layers, "pass 2/3: residual factors", progress)
-    for batch in batches:
+
+    def one(batch: list[LayerPlan], loaded: list[list[torch.Tensor]], sketches: list[torch.Tensor]):
         matmuls, coeffs = [], []
-        for layer in batch:
-            weights = _matrices(source.load(layer.name), layer)
+        for layer, tensors in zip(batch, loaded):
+            weights = _matrices(tensors, layer)
             w = real.coeffs[layer.name].to(device=source.device, dtype=torch.float32)
             if len(batch) == 1 and hasattr(ops, "residual_operator"):
                 matmuls.append(ops.residual_operator(weights, w))
             else:
                 matmuls.append(functools.partial(_residual_matmul, ops, weights, w))
             coeffs.append(w)
-        results = factorize_residuals(
-            ops, matmuls, coeffs, [state.sketches[layer.name] for layer in batch],
-            batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
+        return factorize_residuals(
+            ops, matmuls, coeffs, sketches, batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
         )
-        factors.update((layer.name, result) for layer, result in zip(batch, results))
-        for layer in batch:
-            del state.sketches[layer.name]  # only the range finder's start: free it (memory or disk) now
-        bar.update(len(batch))
+
+    # Loads and the sketches (a SpillStore reads files) on this thread; the range finders on the workers.
+    workers = cpu_workers(source.device)
+    args = ((batch, [source.load(layer.name) for layer in batch], [state.sketches[layer.name] for layer in batch])
+            for batch in batches)
+    with one_thread_per_worker(workers):
+        for batch, results in zip(batches, ordered_map(one, args, workers)):
+            factors.update((layer.name, result) for layer, result in zip(batch, results))
+            for layer in batch:
+                del state.sketches[layer.name]  # only the range finder's start: free it (memory or disk) now
+            bar.update(len(batch))
     bar.close()
     return factors
 
@@ -401,18 +415,16 @@ def accumulate_pass(
 ) -> None:
     """Pass 3: every output tensor, written once."""
     N = scales.shape[0]
-    for layer in _progress(state.plan, "pass 3/3: merged weights", progress):
-        tensors = source.load(layer.name)
+
+    def one(layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors]) -> torch.Tensor:
         if layer.kind == COPY:
-            sink(layer.name, tensors[0].clone())
-            continue
+            return tensors[0].clone()
         left = right = None
         if layer.kind == HEAD:
             check_finite(layer.name, tensors, source.labels)  # heads skip pass 1 and its check
             coeffs = torch.full((N,), 1.0 / N, dtype=torch.float64)
-        elif layer.name in factors:
+        elif f is not None:
             coeffs = real.coeffs[layer.name]
-            f = factors[layer.name]
             scaled = f.left * scales.to(f.left)[:, None, None]
             left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
             right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
@@ -424,7 +436,16 @@ def accumulate_pass(
         merged = ops.accumulate(
             _matrices(tensors, layer), coeffs.to(device=source.device, dtype=torch.float32), left, right, out_dtype
         )
-        sink(layer.name, merged.reshape(layer.shape))
+        return merged.reshape(layer.shape)
+
+    # Loads and factors (a SpillStore reads files) on this thread, in order; outputs sunk in order.
+    workers = cpu_workers(source.device)
+    args = ((layer, source.load(layer.name), factors[layer.name] if layer.name in factors else None)
+            for layer in state.plan)
+    with one_thread_per_worker(workers):
+        for layer, merged in zip(_progress(state.plan, "pass 3/3: merged weights", progress),
+                                 ordered_map(one, args, workers)):
+            sink(layer.name, merged)
 
 
 @torch.no_grad()

@@ -450,10 +450,14 @@ class FileSource:
 
     Safetensors are served as views of file mappings (no copy). Streamed (the default), a layer's
     pages leave the process when the next layer is loaded: the RSS holds about one layer of the N+1
-    models. ``resident=True`` keeps them mapped, so the later passes of a merge that reads its
+    models (KEEP_MAPPED layers). ``resident=True`` keeps them mapped, so the later passes of a merge that reads its
     inputs several times (R²M: three) find them in place; only for inputs that fit in memory
     (see ``resident_fits``). The pages are clean file pages either way: the kernel can reclaim them.
     """
+
+    # Layers whose pages stay mapped when streaming: the one a worker thread computes on, the one
+    # the other computes on, the one being loaded (see r2m_fast.pipeline.ordered_map).
+    KEEP_MAPPED = 3
 
     def __init__(
         self,
@@ -464,7 +468,7 @@ class FileSource:
         resident: bool = False,
     ):
         self.resident = resident
-        self._loaded: Optional[str] = None
+        self._loaded: list[str] = []  # the layers loaded last, newest last
         self.paths = [Path(base)] + [Path(s) for s in specialists]
         self.labels = [str(p) for p in self.paths]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -483,10 +487,13 @@ class FileSource:
         return self._specs
 
     def load(self, name: str) -> list[torch.Tensor]:
-        if self._loaded is not None and self._loaded != name and not self.resident:
-            for c in self._checkpoints:
-                c.release(self._loaded)
-        self._loaded = name
+        if name not in self._loaded:
+            self._loaded.append(name)
+            if len(self._loaded) > self.KEEP_MAPPED:
+                old = self._loaded.pop(0)
+                if not self.resident:
+                    for c in self._checkpoints:
+                        c.release(old)
         return [c.view(name).to(self.device) for c in self._checkpoints]
 
     def input_bytes(self) -> int:
@@ -632,8 +639,10 @@ class ShardedSafetensorsWriter:
         layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
         shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
         force: bool = False,
+        sync: bool = True,
     ):
         self.output = Path(output)
+        self.sync = sync
         self.layout = list(layout)
         self.shard_size = parse_size(shard_size)
         self.force = force
@@ -707,7 +716,8 @@ class ShardedSafetensorsWriter:
     def _close_shard(self) -> None:
         if self._handle is not None:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if self.sync:
+                os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
 
@@ -859,20 +869,20 @@ def merge_checkpoints(
         from r2m_fast.spill import check_spill_dir
 
         check_spill_dir(spill_dir)  # before anything is read or written
-    from r2m_fast.pipeline import BackgroundSink, resident_fits
+    from r2m_fast.pipeline import BackgroundSink, fsync_output, resident_fits
 
     with _sigterm_cleans_up(), FileSource(base, specialists, device=device, prefix=prefix) as source:
         # R²M reads its inputs three times: keep them mapped when they fit (a baseline reads them once).
         source.resident = method == "r2m" and resident_fits(source.input_bytes())
         open_seconds = time.perf_counter() - t0
         layout = output_layout(source.specs(), config.out_dtype)
-        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
+        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force, sync=fsync_output()) as writer:
             with BackgroundSink(writer) as sink:  # writing overlaps computing the next tensor
                 result = run_method(source, config, method=method, options=options, sink=sink, progress=progress,
                                     spill_dir=spill_dir)
             report = output_report(result, base, specialists, output, prefix, writer.files, started, t0,
                                    timings={"open_seconds": open_seconds}, method=method, seed=config.seed,
-                                   resident_inputs=source.resident)
+                                   resident_inputs=source.resident, fsync=writer.sync)
             run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device)
             writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
             writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")

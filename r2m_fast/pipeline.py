@@ -1,4 +1,4 @@
-"""Overlap of computing and writing in a streamed merge, and the resident-inputs decision.
+"""Overlap in a streamed merge (layers on worker threads, a writer thread) and the resident-inputs decision.
 
 A merge hands each finished tensor to the writer; writing it (a copy into the page cache, the
 shard's fsync at its end) takes as long as computing a baseline's tensor. BackgroundSink writes
@@ -10,17 +10,31 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Callable, Optional
+from collections import deque
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 
 Sink = Callable[[str, torch.Tensor], None]
+T = TypeVar("T")
 
 # R2M_RESIDENT=1/0 forces the inputs to stay mapped between passes, or to be released layer by layer.
 RESIDENT_ENV = "R2M_RESIDENT"
 # Inputs stay resident when they take at most this fraction of the memory available at the start.
 RESIDENT_FRACTION = 0.5
+# R2M_FSYNC=1 flushes each output shard to the disk before the folder is renamed into place.
+FSYNC_ENV = "R2M_FSYNC"
 _STOP = object()
+
+
+def fsync_output() -> bool:
+    """Whether r2m-merge fsyncs its output shards (off unless R2M_FSYNC=1). The folder appears
+    atomically either way (written aside, renamed when complete), so an interrupted or failed
+    merge leaves nothing; what fsync adds is durability across a power loss right after the
+    merge, at the disk's write rate (seconds per GB on common disks: often longer than the merge).
+    mergekit, safetensors and transformers' save_pretrained do not fsync either."""
+    return os.environ.get(FSYNC_ENV, "0").strip() == "1"
 
 
 def available_memory() -> Optional[int]:
@@ -85,3 +99,44 @@ class BackgroundSink:
         self._thread.join()
         if exc_type is None and self._error is not None:
             raise self._error
+
+
+def cpu_workers(device: torch.device) -> int:
+    """Layers processed at once: one per torch thread on CPU (each op then single-threaded), one on
+    other devices. Independent layers on separate threads keep every core busy without the
+    barrier at the end of each multi-threaded op, which stalls the whole op whenever one of its
+    threads is descheduled: on a shared machine R²M ran 2× slower multi-threaded than on one thread."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+@contextmanager
+def one_thread_per_worker(workers: int) -> Iterator[None]:
+    """torch ops single-threaded while `workers` threads run layers side by side."""
+    if workers <= 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def ordered_map(fn: Callable[..., T], args: Iterable[tuple], workers: int) -> Iterator[T]:
+    """fn(*a) for each a in `args`, results in order, at most `workers` running at once. `args` is
+    drawn lazily on the calling thread (loads happen there), results are consumed there."""
+    if workers <= 1:
+        for a in args:
+            yield fn(*a)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="r2m-layer") as pool:
+        pending: deque = deque()
+        for a in args:
+            pending.append(pool.submit(fn, *a))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
