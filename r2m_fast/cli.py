@@ -246,7 +246,7 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     # them resident, else the layer in use and the next), the largest layer's work buffers and up to
     # three merged tensors in flight to the writer thread.
     inputs_bytes = (N + 1) * model_bytes
-    resident_inputs = method == "r2m" and resident_fits(inputs_bytes)
+    resident_inputs = method == "r2m" and not settings.get("spill_dir") and resident_fits(inputs_bytes)
     numel_max = max((math.prod(s) for s, d in specs.values() if d.is_floating_point), default=0)
     out_size = config.out_dtype.itemsize if config.out_dtype is not None else max(
         (d.itemsize for _, d in specs.values()), default=4)

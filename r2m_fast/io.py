@@ -872,8 +872,9 @@ def merge_checkpoints(
     from r2m_fast.pipeline import BackgroundSink, fsync_output, resident_fits
 
     with _sigterm_cleans_up(), FileSource(base, specialists, device=device, prefix=prefix) as source:
-        # R²M reads its inputs three times: keep them mapped when they fit (a baseline reads them once).
-        source.resident = method == "r2m" and resident_fits(source.input_bytes())
+        # R²M reads its inputs three times: keep them mapped when they fit (a baseline reads them
+        # once); a merge told to spill asked for bounded memory, so it streams.
+        source.resident = method == "r2m" and spill_dir is None and resident_fits(source.input_bytes())
         open_seconds = time.perf_counter() - t0
         layout = output_layout(source.specs(), config.out_dtype)
         with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force, sync=fsync_output()) as writer:
