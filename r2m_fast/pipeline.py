@@ -123,6 +123,12 @@ def one_thread_per_worker(workers: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _without_grad(fn: Callable[..., T], *args) -> T:
+    # Grad mode is per thread: the caller's torch.no_grad() does not reach the workers.
+    with torch.no_grad():
+        return fn(*args)
+
+
 def ordered_map(fn: Callable[..., T], args: Iterable[tuple], workers: int) -> Iterator[T]:
     """fn(*a) for each a in `args`, results in order, at most `workers` running at once. `args` is
     drawn lazily on the calling thread (loads happen there), results are consumed there."""
@@ -135,7 +141,7 @@ def ordered_map(fn: Callable[..., T], args: Iterable[tuple], workers: int) -> It
     with ThreadPoolExecutor(workers, thread_name_prefix="r2m-layer") as pool:
         pending: deque = deque()
         for a in args:
-            pending.append(pool.submit(fn, *a))
+            pending.append(pool.submit(_without_grad, fn, *a))
             if len(pending) >= workers:
                 yield pending.popleft().result()
         while pending:

@@ -140,3 +140,16 @@ def test_dry_run_gives_measured_sane_estimates(tmp_path, inputs, capsys, method)
     assert 0 < seconds < 600
     assert ("inputs resident between passes" in text) == (method == "r2m")
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_build_no_autograd_graph():
+    """Grad mode is per thread: inputs that require grad must not make the workers record a graph."""
+    models = model_family(3, with_buffer=False)
+    models = [{k: v.clone().requires_grad_(True) for k, v in m.items()} for m in models]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = r2m_fast.merge(models[0], models[1:])
+    finally:
+        torch.set_num_threads(previous)
+    assert all(not t.requires_grad and t.grad_fn is None for t in result.state_dict.values())
