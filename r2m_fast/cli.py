@@ -182,12 +182,11 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
 
     from r2m_fast.engine import sketch_width
     from r2m_fast.io import FileSource
+    from r2m_fast.estimate import calibrate
+    from r2m_fast.pipeline import resident_fits
     from r2m_fast.plan import DECOMPOSED, PASSTHROUGH, build_plan
 
     config, method = settings["config"], settings["method"]
-    from r2m_fast.estimate import calibrate
-    from r2m_fast.pipeline import resident_fits
-
     N = len(settings["specialists"])
     with FileSource(settings["base"], settings["specialists"], device=settings.get("device"),
                     prefix=settings.get("prefix")) as source:
@@ -243,8 +242,8 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
             print(f"{name:<48} {str(tuple(shape)):<20} {str(dtype).removeprefix('torch.'):<9} {kind:<12} -", file=out)
         passes = 1
     # Peak RSS: this process now (torch and all), the mapped inputs (all N+1 models when R²M keeps
-    # them resident, else the layer in use and the next), the largest layer's work buffers and up to
-    # three merged tensors in flight to the writer thread.
+    # them resident, else the last few layers, of which the largest two count), the largest layer's
+    # work buffers and up to three merged tensors in flight to the writer thread.
     inputs_bytes = (N + 1) * model_bytes
     resident_inputs = method == "r2m" and not settings.get("spill_dir") and resident_fits(inputs_bytes)
     numel_max = max((math.prod(s) for s, d in specs.values() if d.is_floating_point), default=0)
