@@ -208,9 +208,10 @@ def _linear_cpu(name: str, tensors: list[torch.Tensor], labels: Any, scale: floa
     def body(start: int, stop: int, scratch: dict) -> bool:
         base, acc, tmp = _buffers(scratch, 3, stop - start)
         base.copy_(flat[0][start:stop])
-        torch.sub(flat[1][start:stop], base, out=acc)
+        # Converted (exactly) into float64 first: a mixed-dtype torch.sub is 3-6× slower.
+        acc.copy_(flat[1][start:stop]).sub_(base)
         for x in flat[2:]:
-            acc.add_(torch.sub(x[start:stop], base, out=tmp))
+            acc.add_(tmp.copy_(x[start:stop]).sub_(base))
         if divide:
             acc.div_(n)
         else:
@@ -260,7 +261,7 @@ def _ties_cpu(name: str, tensors: list[torch.Tensor], labels: Any, options: Ties
         base, total, mixed, count, *trimmed = _buffers(scratch, 4 + n, stop - start)
         base.copy_(flat[0][start:stop])
         for i, x in enumerate(flat[1:]):
-            torch.sub(x[start:stop], base, out=trimmed[i])
+            trimmed[i].copy_(x[start:stop]).sub_(base)
             if masks is not None:
                 trimmed[i].mul_(masks[i][start:stop])  # a product, not a select: NaN/Inf still reach `total`
         total.copy_(trimmed[0])

@@ -59,7 +59,8 @@ def task_vectors(weights: Weights) -> torch.Tensor:
     base = _as_f32(weights[0], "base")
     tau = scratch("tau", (len(weights) - 1, *base.shape), torch.float32, base.device)
     for out, w in zip(tau, weights[1:]):
-        torch.sub(w, base, out=out)  # mixed dtypes promote: θᵢ is rounded to fp32 before the difference
+        # θᵢ converted exactly to fp32, then the difference; a mixed-dtype torch.sub is 3-6× slower.
+        out.copy_(w).sub_(base)
     return tau
 
 
@@ -190,7 +191,7 @@ def accumulate(
     tau = scratch("acc_tau", base.shape, torch.float32, base.device)
     for a, w in zip(coeffs.tolist(), weights[1:]):
         if a != 0.0:
-            out.add_(torch.sub(w, base, out=tau), alpha=a)
+            out.add_(tau.copy_(w).sub_(base), alpha=a)
     if left is not None:
         out.addmm_(left.float(), right.float().T)
     return out.to(out_dtype)
