@@ -164,13 +164,16 @@ CHUNK = 1 << 15
 def _run_chunks(numel: int, body: Callable[[int, int, dict], bool]) -> bool:
     """body(start, stop, scratch) over [0, numel) in CHUNK pieces on torch.get_num_threads() threads,
     each with its own scratch dict; True when every body returned True."""
-    starts = list(range(0, numel, CHUNK))
+    starts = range(0, numel, CHUNK)
     workers = max(1, min(torch.get_num_threads(), len(starts)))
+    # One shared iterator: a thread that was descheduled takes fewer chunks instead of holding the
+    # others up at the end (a fixed split would be the barrier again). next() on it holds the GIL.
+    pending = iter(starts)
 
-    def work(first: int) -> bool:
+    def work(_: int) -> bool:
         scratch: dict = {}
         ok = True
-        for start in starts[first::workers]:
+        for start in pending:
             ok &= body(start, min(start + CHUNK, numel), scratch)
         return ok
 

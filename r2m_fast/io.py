@@ -455,9 +455,9 @@ class FileSource:
     (see ``resident_fits``). The pages are clean file pages either way: the kernel can reclaim them.
     """
 
-    # Layers whose pages stay mapped when streaming: the one a worker thread computes on, the one
-    # the other computes on, the one being loaded (see r2m_fast.pipeline.ordered_map).
-    KEEP_MAPPED = 3
+    # Layers whose pages stay mapped when streaming: those up to MAX_LAYER_WORKERS worker threads
+    # compute on, the one queued and the one being loaded (see r2m_fast.pipeline.ordered_map).
+    KEEP_MAPPED = 6
 
     def __init__(
         self,

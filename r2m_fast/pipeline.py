@@ -101,12 +101,19 @@ class BackgroundSink:
             raise self._error
 
 
+# Most layers processed at once on CPU. Each worker holds one layer's work buffers (for R²M N fp32
+# copies of the largest layer), so this bounds memory; beyond it ops go multi-threaded instead.
+MAX_LAYER_WORKERS = 4
+
+
 def cpu_workers(device: torch.device) -> int:
-    """Layers processed at once: one per torch thread on CPU (each op then single-threaded), one on
-    other devices. Independent layers on separate threads keep every core busy without the
-    barrier at the end of each multi-threaded op, which stalls the whole op whenever one of its
-    threads is descheduled: on a shared machine R²M ran 2× slower multi-threaded than on one thread."""
-    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+    """Layers processed at once: on a CPU with up to MAX_LAYER_WORKERS torch threads, one per thread
+    (each op then single-threaded); else one, with multi-threaded ops (also on other devices).
+    Independent layers on separate threads keep every core busy without the barrier at the end of
+    each multi-threaded op, which stalls the whole op whenever one of its threads is descheduled:
+    on a shared 2-core machine R²M ran 2× slower multi-threaded than on one thread."""
+    threads = max(1, torch.get_num_threads())
+    return threads if device.type == "cpu" and threads <= MAX_LAYER_WORKERS else 1
 
 
 @contextmanager
@@ -130,8 +137,9 @@ def _without_grad(fn: Callable[..., T], *args) -> T:
 
 
 def ordered_map(fn: Callable[..., T], args: Iterable[tuple], workers: int) -> Iterator[T]:
-    """fn(*a) for each a in `args`, results in order, at most `workers` running at once. `args` is
-    drawn lazily on the calling thread (loads happen there), results are consumed there."""
+    """fn(*a) for each a in `args`, results in order, at most `workers` running at once and one more
+    queued (so a worker that finishes early starts the next layer instead of waiting for the oldest).
+    `args` is drawn lazily on the calling thread (loads happen there), results are consumed there."""
     if workers <= 1:
         for a in args:
             yield fn(*a)
@@ -142,7 +150,7 @@ def ordered_map(fn: Callable[..., T], args: Iterable[tuple], workers: int) -> It
         pending: deque = deque()
         for a in args:
             pending.append(pool.submit(_without_grad, fn, *a))
-            if len(pending) >= workers:
+            if len(pending) > workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
