@@ -91,6 +91,7 @@ def write_models(folder: Path, layers: int, width: int, specialists: int, seed: 
 def run_child(args: dict, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env["OMP_NUM_THREADS"] = str(threads)
+    env["R2M_RESIDENT"] = "0"  # the streamed bound is what this measures (r2m-merge keeps inputs mapped when they fit)
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args), str(threads)],
                           capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:

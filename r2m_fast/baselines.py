@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 from r2m_fast.config import R2MConfig
-from r2m_fast.plan import check_finite, matrix_view
+from r2m_fast.plan import MergeInputError, check_finite, matrix_view
 from r2m_fast.result import MergeResult
 
 Sink = Callable[[str, torch.Tensor], None]
@@ -218,6 +218,161 @@ def merge_tsvm(base: torch.Tensor, taus: torch.Tensor, options: TsvmOptions) -> 
     return base + options.scaling * tau
 
 
+# ----------------------------------------------------------------------------------------------
+# CPU fast paths: the same float64 arithmetic, done in cache-sized chunks
+# ----------------------------------------------------------------------------------------------
+
+# Elements per chunk: float64 work buffers of 256 KiB stay in cache. Whole-tensor float64 copies
+# of every input cost more than the arithmetic: each is fresh memory the kernel must fault in and
+# zero (~1 s per GB here) and a trip through DRAM. Below torch's intra-op grain (32768), so each
+# chunk runs on one thread: torch's OpenMP barriers stall a whole op whenever one of its threads
+# is descheduled, 10-20× slower on a shared machine; threads here take chunks independently.
+CHUNK = 1 << 15
+
+
+def _run_chunks(numel: int, body: Callable[[int, int, dict], bool]) -> bool:
+    """body(start, stop, scratch) over [0, numel) in CHUNK pieces on torch.get_num_threads() threads,
+    each with its own scratch dict; True when every body returned True."""
+    starts = range(0, numel, CHUNK)
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+    # One shared iterator: a thread that was descheduled takes fewer chunks instead of holding the
+    # others up at the end (a fixed split would be the barrier again). next() on it holds the GIL.
+    pending = iter(starts)
+
+    def work(_: int) -> bool:
+        scratch: dict = {}
+        ok = True
+        for start in pending:
+            ok &= body(start, min(start + CHUNK, numel), scratch)
+        return ok
+
+    if workers == 1:
+        return work(0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return all(pool.map(work, range(workers)))
+
+
+def _buffers(scratch: dict, count: int, size: int) -> list[torch.Tensor]:
+    bufs = scratch.get(count)
+    if bufs is None:
+        bufs = scratch[count] = [torch.empty(CHUNK, dtype=torch.float64) for _ in range(count)]
+    return [b[:size] for b in bufs]
+
+
+def _not_finite(name: str, tensors: list[torch.Tensor], labels: Any) -> None:
+    """A non-finite result: name the input that holds NaN/Inf, else the overflow."""
+    check_finite(name, tensors, labels)
+    raise MergeInputError(f"tensor {name!r}: the merged value overflows its dtype")
+
+
+def _linear_cpu(name: str, tensors: list[torch.Tensor], labels: Any, scale: float, divide: bool,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """θ₀ + s·Σᵢ(θᵢ − θ₀) (or θ₀ + Σᵢ(θᵢ − θ₀)/N when `divide`): float64 in the order of the
+    float64 references (τᵢ exact, summed in order, scaled, added to θ₀), rounded once to
+    `out_dtype`. NaN/Inf in any input reaches the result, so only the result is checked."""
+    flat = [t.reshape(-1) for t in tensors]
+    numel = flat[0].numel()
+    out = torch.empty(numel, dtype=out_dtype)
+    n = len(flat) - 1
+
+    def body(start: int, stop: int, scratch: dict) -> bool:
+        base, acc, tmp = _buffers(scratch, 3, stop - start)
+        base.copy_(flat[0][start:stop])
+        # Converted (exactly) into float64 first: a mixed-dtype torch.sub is 3-6× slower.
+        acc.copy_(flat[1][start:stop]).sub_(base)
+        for x in flat[2:]:
+            acc.add_(tmp.copy_(x[start:stop]).sub_(base))
+        if divide:
+            acc.div_(n)
+        else:
+            acc.mul_(scale)
+        chunk = out[start:stop]
+        chunk.copy_(acc.add_(base))
+        return bool(torch.isfinite(chunk).all())
+
+    if not _run_chunks(numel, body):
+        _not_finite(name, tensors, labels)
+    return out.reshape(tensors[0].shape)
+
+
+def _ties_masks(flat: list[torch.Tensor], density: float) -> Optional[list[torch.Tensor]]:
+    """Per task, the k = ⌊density·P⌋ largest |τᵢ| (at least one) as a bool mask, found by selection
+    (kthvalue) rather than a top-k sort; ties at the threshold keep the lowest indices, as a stable
+    sort by −|τᵢ| does. None when nothing is trimmed."""
+    numel = flat[0].numel()
+    if density >= 1.0 or numel == 0:
+        return None
+    k = max(1, int(density * numel))
+    base = flat[0].double()
+    masks = []
+    for x in flat[1:]:
+        mag = torch.sub(x, base).abs_()  # float64: τᵢ exact, so the ranking is the exact one
+        threshold = mag.kthvalue(numel - k + 1).values
+        mask = mag > threshold
+        need = k - int(mask.sum())
+        if need > 0:
+            mask[(mag == threshold).nonzero().squeeze(1)[:need]] = True
+        masks.append(mask)
+        del mag
+    return masks
+
+
+def _ties_cpu(name: str, tensors: list[torch.Tensor], labels: Any, options: TiesOptions,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """merge_ties in float64, chunk by chunk after the per-task trim masks; the same operations in
+    the same order, so the same result, without N float64 copies of the tensor at once."""
+    flat = [t.reshape(-1) for t in tensors]
+    numel = flat[0].numel()
+    masks = _ties_masks(flat, options.density)
+    out = torch.empty(numel, dtype=out_dtype)
+    n = len(flat) - 1
+
+    def body(start: int, stop: int, scratch: dict) -> bool:
+        base, total, mixed, count, *trimmed = _buffers(scratch, 4 + n, stop - start)
+        base.copy_(flat[0][start:stop])
+        for i, x in enumerate(flat[1:]):
+            trimmed[i].copy_(x[start:stop]).sub_(base)
+            if masks is not None:
+                trimmed[i].mul_(masks[i][start:stop])  # a product, not a select: NaN/Inf still reach `total`
+        total.copy_(trimmed[0])
+        for t in trimmed[1:]:
+            total.add_(t)
+        if not bool(torch.isfinite(total).all()):
+            return False
+        elected = torch.where(total >= 0, 1.0, -1.0).to(torch.float64)
+        mixed.zero_()
+        count.zero_()
+        for t in trimmed:
+            agree = (torch.sign(t) == elected).to(torch.float64)
+            count.add_(agree)
+            mixed.add_(t.mul_(agree))
+        mixed.div_(torch.where(count == 0, 1.0, count))
+        chunk = out[start:stop]
+        chunk.copy_(mixed.mul_(options.scaling).add_(base))
+        return bool(torch.isfinite(chunk).all())
+
+    if not _run_chunks(numel, body):
+        _not_finite(name, tensors, labels)
+    return out.reshape(tensors[0].shape)
+
+
+def _fast_rule(method: str, options: Any) -> Optional[Callable[..., torch.Tensor]]:
+    """The chunked CPU form of a baseline, or None: TSV-M (its SVDs want whole matrices), and
+    per-model weights, per-model densities or a non-default `normalize` (mergekit's forms, which
+    the chunked kernels do not implement; the whole-tensor rules above do)."""
+    if getattr(options, "weights", None) is not None:
+        return None
+    if method == "average":
+        return lambda name, tensors, labels, dt: _linear_cpu(name, tensors, labels, 1.0, True, dt)
+    if method == "task_arithmetic" and not options.normalize:
+        return lambda name, tensors, labels, dt: _linear_cpu(name, tensors, labels, options.scaling, False, dt)
+    if method == "ties" and options.normalize and not isinstance(options.density, tuple):
+        return lambda name, tensors, labels, dt: _ties_cpu(name, tensors, labels, options, dt)
+    return None
+
+
 _RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]] = {
     "average": merge_average,
     "task_arithmetic": merge_task_arithmetic,
@@ -259,12 +414,24 @@ def run_baseline(
         from tqdm.auto import tqdm
 
         names = tqdm(names, desc=f"{method}: merged weights", unit="layer", leave=False)
+    fast = _fast_rule(method, options) if work == torch.float64 else None
     for name in names:
         shape, dtype = specs[name]
         tensors = source.load(name)
         if not dtype.is_floating_point:
             sink(name, tensors[0].clone())
             counts["copy"] += 1
+            continue
+        head = config.head_prefix is not None and name.startswith(config.head_prefix)
+        if fast is not None:
+            out_dtype = config.out_dtype or dtype
+            if head:
+                merged = _linear_cpu(name, tensors, source.labels, 1.0, True, out_dtype)
+            else:
+                merged = fast(name, tensors, source.labels, out_dtype)
+            counts["head" if head else "merged"] += 1
+            sink(name, merged)
+            del tensors, merged
             continue
         check_finite(name, tensors, source.labels)
         base, taus = _task_vectors(tensors, work)

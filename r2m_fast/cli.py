@@ -31,9 +31,6 @@ RUN_KEYS = ("base", "specialists", "output", "method", "options", "prefix", "sha
             "allow_safe_globals", "tokenizer_source", "copy_tokenizer")
 # The methods, for --help and argparse's choices (r2m_fast.baselines.METHODS, which imports torch).
 METHOD_NAMES = ("r2m", "average", "task_arithmetic", "ties", "tsvm")
-# Rough rates for the --dry-run time estimate; the estimate says which it assumed.
-ASSUMED_READ_BYTES_PER_S = 1.0e9
-ASSUMED_FLOPS = {"cpu": 5.0e10, "cuda": 2.0e13}
 
 
 class Terminated(BaseException):
@@ -340,16 +337,19 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     import torch
 
     from r2m_fast.engine import sketch_width
+    from r2m_fast.estimate import calibrate
     from r2m_fast.io import DEFAULT_SHARD_SIZE, FileSource, ShardedSafetensorsWriter, allowing_safe_globals, output_layout
+    from r2m_fast.pipeline import resident_fits
     from r2m_fast.plan import DECOMPOSED, PASSTHROUGH, build_plan
     from r2m_fast.safety import check_free_space, format_bytes, free_bytes
 
     config, method = settings["config"], settings["method"]
+    N = len(settings["specialists"])
     with allowing_safe_globals(bool(settings.get("allow_safe_globals"))), \
             FileSource(settings["base"], settings["specialists"], device=settings.get("device"),
                        prefix=settings.get("prefix")) as source:
         specs = source.specs()
-    N = len(settings["specialists"])
+        rates = calibrate(source, method, N, settings.get("output"))
     device = torch.device(settings.get("device") or "cpu")
     model_bytes = sum(math.prod(s) * d.itemsize for s, d in specs.values())
     print(f"{PROG} --dry-run: method {method}, {N} specialists, {len(specs)} tensors, "
@@ -399,9 +399,24 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
                 flops += N * 4 * shape[0] * shape[1] * k + 4 * shape[0] * shape[1] * k
             print(f"{name:<48} {str(tuple(shape)):<20} {str(dtype).removeprefix('torch.'):<9} {kind:<12} -", file=out)
         passes = 1
-    read = passes * (N + 1) * model_bytes
-    rate = ASSUMED_FLOPS["cuda" if device.type == "cuda" else "cpu"]
-    seconds = max(read / ASSUMED_READ_BYTES_PER_S, flops / rate)
+    # Peak RSS: this process now (torch and all), the mapped inputs (all N+1 models when R²M keeps
+    # them resident, else the last few layers, of which the largest two count), the largest layer's
+    # work buffers and up to three merged tensors in flight to the writer thread.
+    inputs_bytes = (N + 1) * model_bytes
+    resident_inputs = method == "r2m" and not settings.get("spill_dir") and resident_fits(inputs_bytes)
+    numel_max = max((math.prod(s) for s, d in specs.values() if d.is_floating_point), default=0)
+    out_size = config.out_dtype.itemsize if config.out_dtype is not None else max(
+        (d.itemsize for _, d in specs.values()), default=4)
+    layer_in = max((math.prod(s) * d.itemsize * (N + 1) for s, d in specs.values()), default=0)
+    mapped = inputs_bytes if resident_inputs else 2 * layer_in
+    if method == "r2m":
+        work = 4 * numel_max * (N + 2) + 3 * numel_max * max(out_size, 4)
+    else:
+        work = 3 * numel_max * out_size
+        if method == "ties":
+            work += numel_max * (16 + N)  # |τᵢ| and kthvalue's copy in float64, the N trim masks
+        elif method == "tsvm":
+            work = max(work, largest)
     spill = settings.get("spill_dir") if method == "r2m" else None
     if settings.get("output") is not None:
         needed = ShardedSafetensorsWriter(settings["output"], output_layout(specs, config.out_dtype),
@@ -410,16 +425,28 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
         free = free_bytes(parent)
         print(f"output disk space: needs {format_bytes(needed)} in {parent}, "
               f"{'unknown' if free is None else format_bytes(free)} free", file=out)
-    print(f"estimated peak memory: {_fmt_bytes(largest + (0 if spill else resident))} "
-          f"(largest layer of {N + 1} models with fp32 work copies {_fmt_bytes(largest)}"
+    peak = rates.baseline_rss + mapped + work + (0 if spill else resident)
+    elements = sum(math.prod(s) for s, d in specs.values() if d.is_floating_point)
+    read_passes = 1 if (method != "r2m" or resident_inputs) else passes
+    read_s = read_passes * inputs_bytes / rates.read_bytes_per_s
+    element_s = (passes if method == "r2m" else 1) * elements * rates.element_seconds
+    gemm_s = flops / rates.gemm_flops if method in ("r2m", "tsvm") else 0.0
+    write_s = sum(math.prod(s) * (out_size if d.is_floating_point else d.itemsize) for s, d in specs.values()) \
+        / rates.write_bytes_per_s
+    seconds = rates.startup_seconds + read_s + element_s + gemm_s + write_s
+    where = ("inputs resident between passes" if resident_inputs else "inputs streamed layer by layer")
+    print(f"estimated peak memory: {_fmt_bytes(peak)} (this process now {_fmt_bytes(rates.baseline_rss)}; "
+          f"{where}, mapped {_fmt_bytes(mapped)}; largest layer's work {_fmt_bytes(work)}"
           + (f", sketches and residual factors {_fmt_bytes(resident)}" if method == "r2m" and not spill else "")
           + ")", file=out)
     if spill:
         print(f"spilled to {spill}: sketches and residual factors, at most {_fmt_bytes(resident)} of disk", file=out)
-    print(f"estimated work: {flops / 1e9:.2f} GFLOP, {_fmt_bytes(read)} read in {passes} pass(es), "
-          f"{_fmt_bytes(model_bytes)} written", file=out)
-    print(f"estimated time: {seconds:.1f} s (assuming {ASSUMED_READ_BYTES_PER_S / 1e9:.0f} GB/s reads and "
-          f"{rate / 1e9:.0f} GFLOP/s on {device.type})", file=out)
+    print(f"estimated work: {flops / 1e9:.2f} GFLOP, {_fmt_bytes(read_passes * inputs_bytes)} read in "
+          f"{passes} pass(es), {_fmt_bytes(model_bytes)} written", file=out)
+    print(f"estimated time: {seconds:.1f} s (start-up {rates.startup_seconds:.1f} s, reading {read_s:.1f} s at "
+          f"{rates.read_bytes_per_s / 1e9:.1f} GB/s, elementwise {element_s:.1f} s, GEMMs {gemm_s:.1f} s at "
+          f"{rates.gemm_flops / 1e9:.0f} GFLOP/s, writing {write_s:.1f} s at {rates.write_bytes_per_s / 1e9:.1f} "
+          f"GB/s; rates measured now on {device.type})", file=out)
     if settings.get("output") is not None:
         check_free_space(settings["output"], needed)
 

@@ -29,6 +29,7 @@ from r2m_fast.plan import (
     COPY, DECOMPOSED, EIGEN_RTOL, HEAD, NEGLIGIBLE_RESIDUAL_RTOL, PASSTHROUGH, LayerPlan, build_plan,
     MergeInputError, check_finite,
 )
+from r2m_fast.pipeline import cpu_workers, one_thread_per_worker, ordered_map
 from r2m_fast.result import MergeResult
 from r2m_fast.small_eigh import batched_eigh, method as small_eigh_method
 from r2m_fast.sources import LayerSource
@@ -129,15 +130,21 @@ def gram_pass(
     """
     layers = [layer for layer in state.plan if layer.merged]
     grams = []
-    for layer in _progress(layers, "pass 1/3: Grams and sketches", progress):
-        weights = source.load(layer.name)
+
+    def one(layer: LayerPlan, weights: list[torch.Tensor]):
         omega = (
             sketch_matrix(layer, config, source.device, state.range_finder_dtype) if layer.rank is not None else None
         )
         gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
-        grams.append(gram.detach().to(torch.float64))
-        if sketch is not None:
-            state.sketches[layer.name] = sketch
+        return gram.detach().to(torch.float64), sketch
+
+    workers = cpu_workers(source.device)
+    with one_thread_per_worker(workers):
+        results = ordered_map(one, ((layer, source.load(layer.name)) for layer in layers), workers)
+        for layer, (gram, sketch) in zip(_progress(layers, "pass 1/3: Grams and sketches", progress), results):
+            grams.append(gram)
+            if sketch is not None:
+                state.sketches[layer.name] = sketch
     if not grams:
         return
     stacked = torch.stack(grams).cpu()
@@ -280,10 +287,11 @@ def factor_pass(
     rows = {layer.name: i for i, layer in enumerate(layers)}
     all_w = torch.stack([real.coeffs[layer.name] for layer in layers]).to(source.device, torch.float32) if layers else None
     bar = _progress(layers, "pass 2/3: residual factors", progress)
-    for batch in batches:
+
+    def one(batch: list[LayerPlan], loaded: list[list[torch.Tensor]], sketches: list[torch.Tensor]):
         matmuls, coeffs = [], []
-        for layer in batch:
-            weights = _matrices(source.load(layer.name), layer)
+        for layer, tensors in zip(batch, loaded):
+            weights = _matrices(tensors, layer)
             w = all_w[rows[layer.name]]
             if len(batch) == 1 and hasattr(ops, "residual_operator"):
                 matmuls.append(ops.residual_operator(weights, w))
@@ -291,9 +299,8 @@ def factor_pass(
                 matmuls.append(functools.partial(_residual_matmul, ops, weights, w))
             coeffs.append(w)
         try:
-            results = factorize_residuals(
-                ops, matmuls, coeffs, [state.sketches[layer.name] for layer in batch],
-                batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
+            return factorize_residuals(
+                ops, matmuls, coeffs, sketches, batch[0].rank, config.effective_power_iters, state.range_finder_dtype,
             )
         except torch.linalg.LinAlgError as exc:
             # Finite inputs always factor (orthonormalize scales and shifts every Gram); what is left
@@ -303,10 +310,17 @@ def factor_pass(
                 f"tensor {names}: its residuals could not be factored in fp32 (the range finder's "
                 "Gram overflowed or became non-finite); check that tensor's task vectors"
             ) from exc
-        factors.update((layer.name, result) for layer, result in zip(batch, results))
-        for layer in batch:
-            del state.sketches[layer.name]  # only the range finder's start: free it (memory or disk) now
-        bar.update(len(batch))
+
+    # Loads and the sketches (a SpillStore reads files) on this thread; the range finders on the workers.
+    workers = cpu_workers(source.device)
+    args = ((batch, [source.load(layer.name) for layer in batch], [state.sketches[layer.name] for layer in batch])
+            for batch in batches)
+    with one_thread_per_worker(workers):
+        for batch, results in zip(batches, ordered_map(one, args, workers)):
+            factors.update((layer.name, result) for layer, result in zip(batch, results))
+            for layer in batch:
+                del state.sketches[layer.name]  # only the range finder's start: free it (memory or disk) now
+            bar.update(len(batch))
     bar.close()
     return factors
 
@@ -369,19 +383,17 @@ def accumulate_pass(
     # to the op on the host (every backend takes them there: torch and cuda read them as numbers,
     # triton queues an asynchronous copy), so the pass does not drain the GPU's queue once per layer.
     device_scales = scales.to(device=source.device, dtype=torch.float32)
-    for layer in _progress(state.plan, "pass 3/3: merged weights", progress):
-        tensors = source.load(layer.name)
+
+    def one(layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors]) -> torch.Tensor:
         if layer.kind == COPY:
-            sink(layer.name, tensors[0].clone())
-            continue
+            return tensors[0].clone()
         left = right = None
         if layer.kind == HEAD:
             check_finite(layer.name, tensors, source.labels)  # heads skip pass 1 and its check
             coeffs = torch.full((N,), 1.0 / N, dtype=torch.float64)
         elif layer.name in factors:
             coeffs = real.coeffs[layer.name]
-            if has_residual:
-                f = factors[layer.name]
+            if f is not None:
                 scaled = f.left * device_scales.to(f.left)[:, None, None]
                 left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
                 right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
@@ -393,10 +405,18 @@ def accumulate_pass(
         if left is None and not bool(coeffs.any()):
             # θ* = θ₀ exactly (e.g. every specialist equals the base): the base itself, bit for bit,
             # whichever backend; a kernel's θ₀ + 0 would turn its -0.0 entries into +0.0.
-            sink(layer.name, tensors[0].to(out_dtype, copy=True))
-            continue
+            return tensors[0].to(out_dtype, copy=True)
         merged = ops.accumulate(_matrices(tensors, layer), coeffs.to(torch.float32), left, right, out_dtype)
-        sink(layer.name, merged.reshape(layer.shape))
+        return merged.reshape(layer.shape)
+
+    # Loads and factors (a SpillStore reads files) on this thread, in order; outputs sunk in order.
+    workers = cpu_workers(source.device)
+    args = ((layer, source.load(layer.name), factors[layer.name] if has_residual and layer.name in factors else None)
+            for layer in state.plan)
+    with one_thread_per_worker(workers):
+        for layer, merged in zip(_progress(state.plan, "pass 3/3: merged weights", progress),
+                                 ordered_map(one, args, workers)):
+            sink(layer.name, merged)
 
 
 @torch.no_grad()

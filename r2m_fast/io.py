@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -86,6 +87,7 @@ class SafetensorsFile:
     def __init__(self, path: PathLike):
         self.path = Path(path)
         self._file = _open_for_reading(self.path)
+        self._map: Optional[mmap.mmap] = None
         try:
             self.entries = self._read_header()
         except BaseException:
@@ -147,11 +149,53 @@ class SafetensorsFile:
                 raise MergeInputError(f"{self.path}: truncated: tensor {name!r} read {got} of {nbytes} bytes")
         return buf.view(dtype).reshape(shape)
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as a zero-copy view of a private (copy-on-write) mapping of the file: no copy
+        and no fresh memory to fault in, the two costs of ``get``. Writing to it never reaches the
+        file. Its pages count in the RSS once touched; ``release`` drops them (the view stays valid
+        and re-reads them from the page cache if used again)."""
+        shape, dtype, offset, nbytes = self.entries[name]
+        if not nbytes:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            handle = _open_for_reading(self.path)
+            try:
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:
+                raise MergeInputError(f"{self.path}: cannot map for reading: {exc}") from None
+            finally:
+                handle.close()
+            # Pass order follows the file order: ask the kernel to read ahead.
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        self._map.madvise(mmap.MADV_WILLNEED, *_page_range(offset, nbytes, len(self._map)))
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=offset)
+        return flat.view(dtype).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of one tensor from this process (the page cache keeps them)."""
+        _, _, offset, nbytes = self.entries[name]
+        if self._map is not None and nbytes:
+            self._map.madvise(mmap.MADV_DONTNEED, *_page_range(offset, nbytes, len(self._map)))
+
     def close(self) -> None:
-        """Close the file handle; a later get re-opens it."""
+        """Close the file handle and the mapping (a later get or view re-opens them). A mapping that
+        views still use is left to go with the last of them."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+            self._map = None
+
+
+def _page_range(offset: int, nbytes: int, limit: int) -> tuple[int, int]:
+    """(start, length) of the whole pages covering bytes offset..offset+nbytes (madvise wants a
+    page-aligned start)."""
+    start = offset - offset % mmap.PAGESIZE
+    return start, min(offset + nbytes, limit) - start
 
 
 def _open_for_reading(path: Path):
@@ -197,6 +241,13 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError  # every subclass reads its own format
 
+    def view(self, name: str) -> torch.Tensor:
+        """``get`` without the copy where the format allows (a read-only use; see SafetensorsFile.view)."""
+        return self.get(name)
+
+    def release(self, name: str) -> None:
+        """Done with ``view(name)``: let its pages leave the process."""
+
     def close(self) -> None:
         pass
 
@@ -241,6 +292,14 @@ class SafetensorsCheckpoint(Checkpoint):
         while len(self._open_order) > self.MAX_OPEN_SHARDS:
             self._shards[self._open_order.pop(0)].close()
         return self._shards[shard].get(key)
+
+    def view(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        return self._shards[self._shard_of[key]].view(key)  # a mapping holds no file handle open
+
+    def release(self, name: str) -> None:
+        key = self.key(name)
+        self._shards[self._shard_of[key]].release(key)
 
     def close(self) -> None:
         for st in self._shards.values():
@@ -432,7 +491,18 @@ def _open_index(path: Path, prefix: Optional[str]) -> Checkpoint:
 
 
 class FileSource:
-    """A LayerSource over checkpoints on disk; labels are the input paths (for error messages)."""
+    """A LayerSource over checkpoints on disk; labels are the input paths (for error messages).
+
+    Safetensors are served as views of file mappings (no copy). Streamed (the default), a layer's
+    pages leave the process when the next layer is loaded: the RSS holds about one layer of the N+1
+    models (KEEP_MAPPED layers). ``resident=True`` keeps them mapped, so the later passes of a merge that reads its
+    inputs several times (R²M: three) find them in place; only for inputs that fit in memory
+    (see ``resident_fits``). The pages are clean file pages either way: the kernel can reclaim them.
+    """
+
+    # Layers whose pages stay mapped when streaming: those up to MAX_LAYER_WORKERS worker threads
+    # compute on, the one queued and the one being loaded (see r2m_fast.pipeline.ordered_map).
+    KEEP_MAPPED = 6
 
     def __init__(
         self,
@@ -440,7 +510,10 @@ class FileSource:
         specialists: Sequence[PathLike],
         device: Optional[Union[str, torch.device]] = None,
         prefix: Optional[str] = None,
+        resident: bool = False,
     ):
+        self.resident = resident
+        self._loaded: list[str] = []  # the layers loaded last, newest last
         self.paths = [Path(base)] + [Path(s) for s in specialists]
         self.labels = [str(p) for p in self.paths]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -461,7 +534,18 @@ class FileSource:
         return self._specs
 
     def load(self, name: str) -> list[torch.Tensor]:
-        return [c.get(name).to(self.device) for c in self._checkpoints]
+        if name not in self._loaded:
+            self._loaded.append(name)
+            if len(self._loaded) > self.KEEP_MAPPED:
+                old = self._loaded.pop(0)
+                if not self.resident:
+                    for c in self._checkpoints:
+                        c.release(old)
+        return [c.view(name).to(self.device) for c in self._checkpoints]
+
+    def input_bytes(self) -> int:
+        """Bytes of all N+1 inputs' tensors."""
+        return len(self._checkpoints) * sum(_nbytes(shape, dtype) for shape, dtype in self._specs.values())
 
     def close(self) -> None:
         for c in self._checkpoints:
@@ -602,8 +686,10 @@ class ShardedSafetensorsWriter:
         layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
         shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
         force: bool = False,
+        sync: bool = True,
     ):
         self.output = Path(output)
+        self.sync = sync
         self.layout = list(layout)
         self.shard_size = parse_size(shard_size)
         self.force = force
@@ -699,7 +785,8 @@ class ShardedSafetensorsWriter:
     def _close_shard(self) -> None:
         if self._handle is not None:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if self.sync:
+                os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
 
@@ -912,15 +999,22 @@ def merge_checkpoints(
         from r2m_fast.spill import check_spill_dir
 
         check_spill_dir(spill_dir)  # before anything is read or written
+    from r2m_fast.pipeline import BackgroundSink, fsync_output, resident_fits
+
     with _sigterm_cleans_up(), allowing_safe_globals(allow_safe_globals), \
             FileSource(base, specialists, device=device, prefix=prefix) as source:
+        # R²M reads its inputs three times: keep them mapped when they fit (a baseline reads them
+        # once); a merge told to spill asked for bounded memory, so it streams.
+        source.resident = method == "r2m" and spill_dir is None and resident_fits(source.input_bytes())
         open_seconds = time.perf_counter() - t0
         layout = output_layout(source.specs(), config.out_dtype)
-        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
-            result = run_method(source, config, method=method, options=options, sink=writer, progress=progress,
-                                spill_dir=spill_dir)
+        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force, sync=fsync_output()) as writer:
+            with BackgroundSink(writer) as sink:  # writing overlaps computing the next tensor
+                result = run_method(source, config, method=method, options=options, sink=sink, progress=progress,
+                                    spill_dir=spill_dir)
             report = output_report(result, base, specialists, output, prefix, writer.files, started, t0,
-                                   timings={"open_seconds": open_seconds}, method=method, seed=config.seed)
+                                   timings={"open_seconds": open_seconds}, method=method, seed=config.seed,
+                                   resident_inputs=source.resident, fsync=writer.sync)
             run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device,
                                       allow_safe_globals=allow_safe_globals)
             if not copy_tokenizer or tokenizer_source is not None:

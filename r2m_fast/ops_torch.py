@@ -12,19 +12,55 @@ raw θ in reduced precision would cancel it away).
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
 
 Weights = Sequence[torch.Tensor]
 
+_scratch = threading.local()
+
+
+def scratch(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread work buffer reused from layer to layer (CPU only; contents undefined).
+
+    Every fresh large CPU tensor is memory the kernel must fault in and zero, which costs more than
+    the arithmetic done in it (~1 s per GB on a VM); layers of one shape come in runs, so the buffer
+    of the previous layer usually fits. The caller must be done with it before asking for `key`
+    again. On CUDA the caching allocator already does this."""
+    shape = tuple(shape)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    held = getattr(_scratch, "buffers", None)
+    if held is None:
+        held = _scratch.buffers = {}
+    numel = math.prod(shape)
+    buf = held.get((key, dtype))
+    if buf is None or buf.numel() < numel or buf.numel() > 4 * numel:
+        buf = held[(key, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's work buffers (at the end of a merge)."""
+    _scratch.buffers = {}
+
+
+def _as_f32(w: torch.Tensor, key: str) -> torch.Tensor:
+    if w.dtype == torch.float32:
+        return w
+    return scratch(key, w.shape, torch.float32, w.device).copy_(w)
+
 
 def task_vectors(weights: Weights) -> torch.Tensor:
-    """τ as one fp32 tensor of shape (N, m, n)."""
-    base = weights[0].float()
-    tau = torch.empty((len(weights) - 1, *base.shape), dtype=torch.float32, device=base.device)
+    """τ as one fp32 tensor of shape (N, m, n), in a scratch buffer on CPU (valid until the next call)."""
+    base = _as_f32(weights[0], "base")
+    tau = scratch("tau", (len(weights) - 1, *base.shape), torch.float32, base.device)
     for out, w in zip(tau, weights[1:]):
-        torch.sub(w.float(), base, out=out)
+        # θᵢ converted exactly to fp32, then the difference; a mixed-dtype torch.sub is 3-6× slower.
+        out.copy_(w).sub_(base)
     return tau
 
 
@@ -171,12 +207,12 @@ def accumulate(
     Returns:
         (m, n) tensor of out_dtype on the weights' device.
     """
-    base = weights[0].float()
-    out = base.clone()
-    tau = torch.empty_like(base)
+    base = _as_f32(weights[0], "base")
+    out = base.clone()  # the result leaves (to the writer): fresh memory, not scratch
+    tau = scratch("acc_tau", base.shape, torch.float32, base.device)
     for a, w in zip(coeffs.tolist(), weights[1:]):
         if a != 0.0:
-            out.add_(torch.sub(w.float(), base, out=tau), alpha=a)
+            out.add_(tau.copy_(w).sub_(base), alpha=a)
     if left is not None:
         out.addmm_(left.float(), right.float().T)
     return out.to(out_dtype)

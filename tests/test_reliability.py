@@ -439,6 +439,7 @@ def test_enospc_at_flush_and_commit_removes_the_partial_output(tmp_path, inputs,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setenv("R2M_FSYNC", "1")  # the flush is opt-in; a disk full at write time is the test above
     err = _fails(flags(inputs, tmp_path / "out"), capsys, code=1)
     assert "no space left" in err and ".tmp-" not in err
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
