@@ -52,6 +52,7 @@ sys.path.insert(0, str(HERE))  # synthetic.py, naive_merge.py
 import r2m_fast  # noqa: E402
 from r2m_fast import R2MConfig  # noqa: E402
 from r2m_fast.backends import BACKENDS  # noqa: E402
+from gpu_summary import sync_device as _sync, timed_runs  # noqa: E402
 
 LAYER_SETS = {
     "vit_b": [(768, 2304), (768, 768), (3072, 768), (768, 3072)],
@@ -81,11 +82,6 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench(fn: Callable[[], object], device: torch.device, quick: bool) -> tuple[float, float, float]:
     """(p50, p20, p80) milliseconds: do_bench on CUDA, a few perf_counter runs elsewhere."""
     if device.type == "cuda":
@@ -100,14 +96,7 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool) -> tuple[
 
 def host_bench(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[float, float, float]:
     """One warm-up then `reps` timed runs, for calls too long or too host-bound for do_bench."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = timed_runs(fn, device, reps)
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
     return statistics.median(times), q(0.2), q(0.8)

@@ -65,23 +65,29 @@ def card_name(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "gpu"
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: bool = True) -> float:
-    """Median wall milliseconds of `reps` runs after one warm-up, each ended by a device sync."""
+def timed_runs(fn: Callable[[], object], device: torch.device, reps: int, warmup: bool = True) -> list[float]:
+    """Wall milliseconds of `reps` runs (after one warm-up unless told not to), each ended by a
+    device sync."""
     if warmup:
         fn()
-        _sync(device)
+        sync_device(device)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: bool = True) -> float:
+    """Median wall milliseconds of `reps` runs (see timed_runs)."""
+    return statistics.median(timed_runs(fn, device, reps, warmup))
 
 
 # ----------------------------------------------------------------------------- machine rates
@@ -189,7 +195,7 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-        _sync(device)
+        sync_device(device)
     kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     return sum(
         1 for e in prof.events()

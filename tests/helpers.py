@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+import subprocess
+import time
+from pathlib import Path
 
 import torch
 
@@ -104,3 +106,20 @@ def merge_flags(paths, out) -> list[str]:
     for p in paths[1:]:
         argv += ["--specialist", str(p)]
     return argv + ["--output", str(out), "--quiet"]
+
+
+def wait_until_writing(proc: subprocess.Popen, folder: Path, timeout: float = 90.0) -> Path:
+    """Block until the merge `proc` has a shard in its temporary output folder `folder/.out.tmp-*`
+    (so a signal sent now lands mid-write) and return that folder; fail the test if the merge exits
+    or never gets there."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        temps = [p for p in folder.iterdir() if p.name.startswith(".out.tmp-")]
+        if temps and any(temps[0].glob("*.safetensors")):
+            return temps[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the merge never started writing")

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import r2m_fast
-from helpers import merge_flags as flags
+from helpers import merge_flags as flags, wait_until_writing
 from r2m_fast.cli import main
 from r2m_fast.io import SINK_DELAY_ENV
 
@@ -231,16 +231,7 @@ def test_interrupt_leaves_no_output(tmp_path, inputs, sig, code):
         [sys.executable, "-m", "r2m_fast"] + flags(inputs, out) + ["--shard-size", "1KB"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**{SINK_DELAY_ENV: "0.5"}),
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
-        if temps and any(temps[0].glob("*.safetensors")):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("the merge never started writing")
+    wait_until_writing(proc, tmp_path, timeout=60)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err

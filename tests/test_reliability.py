@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 import r2m_fast
-from helpers import merge_flags as flags
+from helpers import merge_flags as flags, wait_until_writing
 from r2m_fast import cli, io, safety
 from r2m_fast.cli import main
 
@@ -356,20 +356,11 @@ def test_sigkill_leftover_is_removed_by_the_next_merge(tmp_path, inputs, family)
         [sys.executable, "-m", "r2m_fast"] + flags(inputs, out) + ["--shard-size", "1KB"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(**{io.SINK_DELAY_ENV: "0.5"}),
     )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
-        if temps and any(temps[0].glob("*.safetensors")):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("the merge never started writing")
+    temp = wait_until_writing(proc, tmp_path, timeout=90)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert temps[0].exists() and f"-{proc.pid}-" in temps[0].name  # what SIGKILL leaves behind
+    assert temp.exists() and f"-{proc.pid}-" in temp.name  # what SIGKILL leaves behind
     assert main(flags(inputs, out)) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in inputs] + ["out"])
     expected = r2m_fast.merge(family[0], family[1:]).state_dict
