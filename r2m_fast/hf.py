@@ -188,7 +188,9 @@ def model_card(
         "tags": ["merge", "r2m_fast", method],
     }
     front = yaml.safe_dump(meta, sort_keys=False).strip()
-    opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    # R²M's settings are R2MConfig fields, not method options: the configuration below has them.
+    opts = ", ".join(f"{k}={v}" for k, v in options.items()) or (
+        "settings below" if method == "r2m" else "default options")
     lines = [
         "---", front, "---", "", f"# {Path(base).name} merge", "",
         f"This model was merged with [r2m_fast](https://arxiv.org/abs/2509.24367) using the **{method}** "
