@@ -88,10 +88,15 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname() or "host")
 
 
+def owned_temp_dir(parent: Union[str, os.PathLike], prefix: str) -> Path:
+    """A new folder ``<prefix><host>-<pid>-XXXXXXXX`` in `parent`: the name says which process owns
+    it, so :func:`remove_stale_dirs` can tell a leftover from a merge still running."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_host()}-{os.getpid()}-", dir=parent))
+
+
 def make_temp_dir(parent: Union[str, os.PathLike], name: str, kind: str = "tmp") -> Path:
-    """A new folder ``.<name>.<kind>-<host>-<pid>-XXXXXXXX`` in `parent`: the name says which process
-    owns it, so :func:`remove_stale_temps` can tell a leftover from a merge still running."""
-    return Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{_host()}-{os.getpid()}-", dir=parent))
+    """The output's temporary folder ``.<name>.<kind>-<host>-<pid>-XXXXXXXX`` in `parent`."""
+    return owned_temp_dir(parent, f".{name}.{kind}-")
 
 
 def _alive(pid: int) -> bool:
@@ -122,11 +127,18 @@ def _folder_bytes(path: Path) -> int:
 
 
 def remove_stale_temps(output: Union[str, os.PathLike]) -> list[tuple[Path, int]]:
-    """Remove the temporary folders of merges into `output` whose process is gone (same host, pid no
-    longer running); returns them with their sizes. Folders of running merges, of other hosts, or
-    without an owner in their name (older versions) are left, with one warning line naming each."""
+    """Remove the temporary folders of merges into `output` whose process is gone (see
+    remove_stale_dirs); returns them with their sizes."""
     output = Path(output).absolute()
-    parent = output.parent
+    return remove_stale_dirs(output.parent, [f".{output.name}.{kind}-" for kind in _TEMP_KINDS],
+                             f"merge into {output}")
+
+
+def remove_stale_dirs(parent: Path, prefixes: Sequence[str], user: str) -> list[tuple[Path, int]]:
+    """Remove the folders in `parent` named ``<prefix><host>-<pid>-…`` (owned_temp_dir) whose process
+    is gone (same host, pid no longer running); returns them with their sizes. Folders of running
+    merges, of other hosts, or without an owner in their name (older versions) are left, with one
+    warning line naming each; `user` says whose folders these are ("merge into <output>")."""
     try:
         entries = list(parent.iterdir())
     except OSError:
@@ -134,13 +146,13 @@ def remove_stale_temps(output: Union[str, os.PathLike]) -> list[tuple[Path, int]
     removed: list[tuple[Path, int]] = []
     host = _host()
     for entry in entries:
-        kind = next((k for k in _TEMP_KINDS if entry.name.startswith(f".{output.name}.{k}-")), None)
-        if kind is None or not entry.is_dir():
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None or not entry.is_dir():
             continue
-        owner = _OWNER.fullmatch(entry.name[len(f".{output.name}.{kind}-"):])
+        owner = _OWNER.fullmatch(entry.name[len(prefix):])
         if owner is None:
             logger.warning("r2m_fast: %s was left by an interrupted merge of an older version; remove it "
-                           "if no merge into %s is running", entry, output)
+                           "if no %s is running", entry, user)
             continue
         pid = int(owner["pid"])
         if owner["host"] != host:
@@ -148,7 +160,7 @@ def remove_stale_temps(output: Union[str, os.PathLike]) -> list[tuple[Path, int]
                            "is not running", entry, owner["host"], pid)
             continue
         if pid == os.getpid() or _alive(pid):
-            logger.warning("r2m_fast: %s belongs to a running merge into the same output (pid %d)", entry, pid)
+            logger.warning("r2m_fast: %s belongs to a running %s (pid %d)", entry, user, pid)
             continue
         size = _folder_bytes(entry)
         shutil.rmtree(entry, ignore_errors=True)

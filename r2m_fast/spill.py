@@ -17,7 +17,9 @@ so the disk holds at most all the sketches (end of pass 1) or all the factors (e
 Files are safetensors written with r2m_fast.io.write_safetensors (raw bytes straight from the tensor,
 no fsync: they are scratch) and read with r2m_fast.io.SafetensorsFile (one positional read per tensor
 into a buffer of its own, no memory map, so no pages stay resident), so a tensor reads back bit for
-bit in any dtype. The folder is created with tempfile.mkdtemp inside the folder the user names and is
+bit in any dtype. The folder (`r2m-spill-<host>-<pid>-*`, named after its process so that the next spill
+into the same folder can remove it if that process was killed outright) is created inside the folder
+the user names and is
 removed on close, when the ``with`` block of the Spill ends (normally, on an exception, on
 KeyboardInterrupt or on a SystemExit from a signal handler), and at interpreter exit if nothing closed it.
 Each spilled write also gives glibc's heap slack back to the OS once it has grown (release_heap_slack).
@@ -29,8 +31,8 @@ import contextlib
 import ctypes
 import itertools
 import os
+import errno
 import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Iterator, MutableMapping, Optional, Union
@@ -40,6 +42,7 @@ import torch
 from r2m_fast.factors import ResidualFactors
 from r2m_fast.io import SafetensorsFile, write_safetensors
 from r2m_fast.plan import MergeInputError
+from r2m_fast.safety import OutputError, format_bytes, free_bytes, owned_temp_dir, remove_stale_dirs
 
 PathLike = Union[str, "os.PathLike[str]"]
 Entry = Union[torch.Tensor, ResidualFactors]
@@ -113,8 +116,11 @@ class Spill:
 
     def __init__(self, directory: PathLike, device: Union[str, torch.device, None] = None):
         parent = check_spill_dir(directory)
+        # A merge killed outright (SIGKILL, out of memory) cannot remove its spill: the folder is named
+        # after its process, and the next spill into the same folder removes those whose process is gone.
+        remove_stale_dirs(parent.absolute(), [PREFIX], f"merge spilling into {parent}")
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
+            self.path = owned_temp_dir(parent, PREFIX)
         except OSError as exc:
             raise MergeInputError(f"{directory}: cannot create a spill folder there: {exc.strerror or exc}") from None
         # Removes the folder on close(), on garbage collection, or at interpreter exit, whichever is first.
@@ -182,8 +188,15 @@ class SpillStore(MutableMapping[str, Entry]):
         path = self._spill._new_file(self._kind)
         try:
             nbytes = write_safetensors(path, items, sync=False)
-        except BaseException:
+        except BaseException as exc:
             path.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = free_bytes(self._spill.path)
+                raise OutputError(exc.errno, (
+                    f"{self._spill.path.parent}: no space left for the spill (--spill-dir) after "
+                    f"{format_bytes(self._spill.bytes_on_disk)} of sketches and factors "
+                    f"({'unknown' if free is None else format_bytes(free)} free); give a folder with more room, "
+                    "or no --spill-dir to keep them in memory")) from None
             raise
         self._entries[name] = (path, nbytes, kept)
         self._spill._count(nbytes)

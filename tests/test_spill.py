@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -281,14 +282,14 @@ def test_bad_spill_dir_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, 
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == bad else real_access(p, mode, **kw))
     elif kind == "mkdir-denied":
         bad.mkdir()
-        real_mkdtemp = spill_module.tempfile.mkdtemp
+        real_mkdtemp = tempfile.mkdtemp
 
         def mkdtemp(*args, dir=None, **kwargs):
             if dir is not None and Path(dir) == bad:
                 raise PermissionError(13, "Permission denied", str(dir))
             return real_mkdtemp(*args, dir=dir, **kwargs)
 
-        monkeypatch.setattr(spill_module.tempfile, "mkdtemp", mkdtemp)
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
         expected = f"{bad}: cannot create a spill folder there: Permission denied"
     before = sorted(os.listdir(tmp_path))
     before_bad = sorted(os.listdir(bad)) if bad.is_dir() else None
@@ -330,3 +331,35 @@ def test_sigint_mid_merge_removes_the_spill(tmp_path, inputs):
     assert proc.returncode == 130, err
     assert os.listdir(spill) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_spill_of_a_killed_merge_is_removed_by_the_next_spill(tmp_path):
+    # A folder named after a process that is gone (pid 2**22 + 1 is beyond the default pid_max and
+    # reads as not running), one of this host's running process (ourselves: left alone) and one of an
+    # older version without an owner in its name (left alone).
+    from r2m_fast.safety import _host
+
+    dead = tmp_path / f"{PREFIX}{_host()}-{2**22 + 1}-abcd1234"
+    running = tmp_path / f"{PREFIX}{_host()}-{os.getppid()}-abcd1234"
+    old = tmp_path / f"{PREFIX}abcd1234"
+    for folder in (dead, running, old):
+        folder.mkdir()
+        (folder / "sketch.safetensors").write_bytes(b"x" * 100)
+    with Spill(tmp_path) as spill:
+        assert spill.path.name.startswith(f"{PREFIX}{_host()}-{os.getpid()}-")
+    assert not dead.exists() and running.exists() and old.exists()
+
+
+def test_spill_that_fills_its_disk_names_the_spill_folder(tmp_path, inputs, capsys, monkeypatch):
+    import errno
+
+    def full(path, items, sync=True):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spill_module, "write_safetensors", full)
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    assert main(flags(inputs, tmp_path / "out") + ["--spill-dir", str(spill_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{spill_dir}: no space left for the spill (--spill-dir)" in err[0], err
+    assert list(spill_dir.iterdir()) == [] and not (tmp_path / "out").exists()
