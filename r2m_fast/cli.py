@@ -322,14 +322,6 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": config, "method": method, "options": options, **run, "specialists": [str(s) for s in specialists]}
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def dry_run(settings: dict[str, Any], out=None) -> None:
     """Print the plan (layers, kinds, ranks), the estimated peak memory, flops and time, and the
     output's size against the free space where it goes (OutputError, exit 1, when it does not fit)."""
@@ -353,7 +345,7 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     device = torch.device(settings.get("device") or "cpu")
     model_bytes = sum(math.prod(s) * d.itemsize for s, d in specs.values())
     print(f"{PROG} --dry-run: method {method}, {N} specialists, {len(specs)} tensors, "
-          f"{_fmt_bytes(model_bytes)} per model", file=out)
+          f"{format_bytes(model_bytes)} per model", file=out)
     print(f"  base: {settings['base']}", file=out)
     for s in settings["specialists"]:
         print(f"  specialist: {s}", file=out)
@@ -435,14 +427,14 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
         / rates.write_bytes_per_s
     seconds = rates.startup_seconds + read_s + element_s + gemm_s + write_s
     where = ("inputs resident between passes" if resident_inputs else "inputs streamed layer by layer")
-    print(f"estimated peak memory: {_fmt_bytes(peak)} (this process now {_fmt_bytes(rates.baseline_rss)}; "
-          f"{where}, mapped {_fmt_bytes(mapped)}; largest layer's work {_fmt_bytes(work)}"
-          + (f", sketches and residual factors {_fmt_bytes(resident)}" if method == "r2m" and not spill else "")
+    print(f"estimated peak memory: {format_bytes(peak)} (this process now {format_bytes(rates.baseline_rss)}; "
+          f"{where}, mapped {format_bytes(mapped)}; largest layer's work {format_bytes(work)}"
+          + (f", sketches and residual factors {format_bytes(resident)}" if method == "r2m" and not spill else "")
           + ")", file=out)
     if spill:
-        print(f"spilled to {spill}: sketches and residual factors, at most {_fmt_bytes(resident)} of disk", file=out)
-    print(f"estimated work: {flops / 1e9:.2f} GFLOP, {_fmt_bytes(read_passes * inputs_bytes)} read in "
-          f"{passes} pass(es), {_fmt_bytes(model_bytes)} written", file=out)
+        print(f"spilled to {spill}: sketches and residual factors, at most {format_bytes(resident)} of disk", file=out)
+    print(f"estimated work: {flops / 1e9:.2f} GFLOP, {format_bytes(read_passes * inputs_bytes)} read in "
+          f"{passes} pass(es), {format_bytes(model_bytes)} written", file=out)
     print(f"estimated time: {seconds:.1f} s (start-up {rates.startup_seconds:.1f} s, reading {read_s:.1f} s at "
           f"{rates.read_bytes_per_s / 1e9:.1f} GB/s, elementwise {element_s:.1f} s, GEMMs {gemm_s:.1f} s at "
           f"{rates.gemm_flops / 1e9:.0f} GFLOP/s, writing {write_s:.1f} s at {rates.write_bytes_per_s / 1e9:.1f} "
