@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from r2m_fast.pipeline import proc_kib_field
+
 PROBE_ELEMENTS = 1 << 20
 
 
@@ -34,13 +36,9 @@ class Rates:
 
 
 def process_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    rss = proc_kib_field("/proc/self/status", "VmRSS")
+    if rss is not None:
+        return rss
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -128,15 +128,21 @@ def _set_dtype(config: Any, name: str) -> bool:
     return found
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file holding an object (a model or adapter config), or MergeInputError naming it."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise MergeInputError(f"{path}: unreadable {what} ({exc})") from None
+    return data
+
+
 def config_text(path: Path, dtype: Optional[torch.dtype]) -> str:
     """config.json with its dtype fields set to `dtype` (transformers 5 reads ``dtype``, earlier
     versions ``torch_dtype``; a config with neither gets both)."""
-    try:
-        config = json.loads(path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise MergeInputError(f"{path}: unreadable model config ({exc})") from None
+    config = read_json_object(path, "model config")
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         if not _set_dtype(config, name):

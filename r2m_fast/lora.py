@@ -19,7 +19,6 @@ architecture (``layer_replication``, ``trainable_token_indices``, ``target_param
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -69,13 +68,10 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """adapter_config.json, checked for what this reader supports (MergeInputError naming the key)."""
+    from r2m_fast.hf import read_json_object  # hf dispatches to this module: imported on use
+
     path = folder / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise MergeInputError(f"{path}: unreadable adapter config ({exc})") from None
+    config = read_json_object(path, "adapter config")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise MergeInputError(f"{path}: peft_type {config.get('peft_type')!r}: only LoRA adapters are supported")

@@ -37,16 +37,22 @@ def fsync_output() -> bool:
     return os.environ.get(FSYNC_ENV, "0").strip() == "1"
 
 
-def available_memory() -> Optional[int]:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+def proc_kib_field(path: str, key: str) -> Optional[int]:
+    """The ``key: N kB`` line of a /proc file (/proc/meminfo, /proc/self/status) in bytes, or None
+    where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def resident_fits(input_bytes: int, available: Optional[int] = None) -> bool:

@@ -26,7 +26,7 @@ ALLOWED_LAZY_EDGES = {
     ("engine", "spill"),
     # The readers dispatch by input kind (file, folder, hub id, LoRA adapter) in hf.open_input, which
     # io.FileSource and lora.LoraCheckpoint (for its base) call back: one input-opening module above
-    # io, hf and lora removes both edges once io's readers can be edited (issue 14 holds them now).
+    # io, hf and lora removes both edges (left for the reader layout of issue 13).
     ("io", "hf"), ("lora", "hf"),
 }
 
