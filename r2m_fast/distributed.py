@@ -31,17 +31,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 
 from r2m_fast.backends import resolve_backend
 from r2m_fast.config import R2MConfig
-from r2m_fast.engine import (
-    MergeState, Sink, accumulate_pass, factor_pass, gram_pass, kept_squares, merge_report, new_state,
-    residual_norms_from_kept, residual_scales, solve_real_subspace,
-)
+from r2m_fast.engine import MergeState, Sink, new_state, run_passes
+from r2m_fast.factors import RealSubspace
 from r2m_fast.plan import DECOMPOSED, LayerPlan
 from r2m_fast.result import MergeResult
 from r2m_fast.safety import make_temp_dir, remove_stale_temps
@@ -73,12 +71,14 @@ def assign_layers(plan: Sequence[LayerPlan], world_size: int) -> dict[str, int]:
 
 
 class Comm:
-    """The few collectives a sharded merge needs, with errors exchanged instead of hangs."""
+    """The Exchange (r2m_fast.engine) of a merge over the ranks of a process group: the few
+    collectives a sharded merge needs, with errors exchanged instead of hangs."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        self.leader = self.rank == 0
         # NCCL reduces CUDA tensors only; the exchanged tensors are KB-sized, the copy is free.
         nccl = dist.get_backend(group) == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -119,6 +119,53 @@ class Comm:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    # The Exchange of r2m_fast.engine.run_passes
+
+    def local_state(self, state: MergeState, spill: Optional["Spill"]) -> MergeState:
+        owner = assign_layers(state.plan, self.world)
+        return MergeState(
+            plan=[layer for layer in state.plan if owner[layer.name] == self.rank],
+            range_finder_dtype=state.range_finder_dtype,
+            spill=spill,
+        )
+
+    def share_grams(self, state: MergeState, local: MergeState, N: int) -> None:
+        merged = [layer.name for layer in state.plan if layer.merged]
+        grams = torch.zeros(len(merged), N, N, dtype=torch.float64)
+        for i, name in enumerate(merged):
+            if name in local.grams:
+                grams[i] = local.grams[name]
+        grams = self.sum(grams)
+        state.grams = {name: grams[i] for i, name in enumerate(merged)}
+
+    def solve(self, fn: Callable[[], RealSubspace]) -> RealSubspace:
+        # Rank 0 alone: one answer even across unlike CPUs.
+        return self.broadcast(self.run(lambda: fn() if self.rank == 0 else None))
+
+    def share_kept(self, plan: Sequence[LayerPlan], kept: Mapping[str, torch.Tensor], N: int) -> Mapping[str, torch.Tensor]:
+        truncated = [layer.name for layer in plan if layer.rank is not None and layer.kind == DECOMPOSED]
+        table = torch.zeros(len(truncated), N, dtype=torch.float64)
+        for i, name in enumerate(truncated):
+            if name in kept:
+                table[i] = kept[name]
+        table = self.sum(table)
+        return {name: table[i] for i, name in enumerate(truncated)}
+
+    def finish_report(self, report: dict, local: MergeState, seconds: Mapping[str, float], start: float) -> None:
+        mine = {
+            "layers": len(local.plan),
+            "bytes_per_model": sum(layer.numel * layer.dtype.itemsize for layer in local.plan),
+            "pass_seconds": dict(seconds),
+            "seconds": time.perf_counter() - start,
+            **(local.spill.report() if local.spill is not None else {}),
+        }
+        ranks = self.gather(mine)
+        report["distributed"] = {"world_size": self.world, "comm_backend": self.backend, "ranks": ranks}
+        report["seconds"] = max(r["seconds"] for r in ranks)
+        if local.spill is not None:  # over all ranks (the peak: an upper bound of what they hold at once)
+            report["spill_bytes"] = sum(r["spill_bytes"] for r in ranks)
+            report["spill_peak_bytes"] = sum(r["spill_peak_bytes"] for r in ranks)
+
 
 @torch.no_grad()
 def merge_distributed(
@@ -134,82 +181,12 @@ def merge_distributed(
     returns the same report (global norms, η, eigenvalues) plus ``distributed`` (per-rank layers,
     bytes and pass seconds). `spill_dir`: each rank keeps its sketches and factors in a temporary
     folder of its own there (r2m_fast.spill) instead of memory."""
-    from r2m_fast.spill import open_spill
-
-    comm = Comm(group)
-    with comm.run(lambda: open_spill(spill_dir, source.device)) as spill:
-        return _merge_distributed(source, config, sink, progress, comm, spill)
-
-
-def _merge_distributed(source: LayerSource, config: R2MConfig, sink: Optional[Sink], progress: bool, comm: Comm,
-                       spill: Optional["Spill"]) -> MergeResult:
     start = time.perf_counter()
+    comm = Comm(group)
     backend = resolve_backend(config.backend, source.device)
-    ops = backend.ops()
-    N = len(source.labels) - 1
-    full = comm.run(lambda: new_state(source, config, backend))
-    owner = assign_layers(full.plan, comm.world)
-    local = MergeState(
-        plan=[layer for layer in full.plan if owner[layer.name] == comm.rank],
-        range_finder_dtype=full.range_finder_dtype,
-        spill=spill,
-    )
-    out: dict[str, torch.Tensor] = {}
-    sink = sink or out.__setitem__
-    sync = torch.cuda.synchronize if source.device.type == "cuda" else lambda: None
-    seconds: dict[str, float] = {}
-    show = progress and comm.rank == 0
-
-    t = time.perf_counter()
-    comm.run(lambda: gram_pass(source, local, config, ops, show))
-    merged = [layer.name for layer in full.plan if layer.merged]
-    grams = torch.zeros(len(merged), N, N, dtype=torch.float64)
-    for i, name in enumerate(merged):
-        if name in local.grams:
-            grams[i] = local.grams[name]
-    grams = comm.sum(grams)
-    full.grams = {name: grams[i] for i, name in enumerate(merged)}
-    real = comm.run(lambda: solve_real_subspace(full, config, N) if comm.rank == 0 else None)
-    real = comm.broadcast(real)
-    sync()
-    seconds["grams_and_solve"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    factors = comm.run(lambda: factor_pass(source, local, real, config, ops, show))
-    local.sketches.clear()
-    truncated = [layer.name for layer in full.plan if layer.rank is not None and layer.kind == DECOMPOSED]
-    kept = torch.zeros(len(truncated), N, dtype=torch.float64)
-    held = kept_squares(factors)
-    for i, name in enumerate(truncated):
-        if name in held:
-            kept[i] = held[name]
-    kept = comm.sum(kept)
-    norms = residual_norms_from_kept(full, real, {name: kept[i] for i, name in enumerate(truncated)}, N)
-    eta = config.alpha * real.core_norm
-    scales = residual_scales(norms, eta, config.residual_scale)
-    sync()
-    seconds["factors"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    comm.run(lambda: accumulate_pass(source, local, real, factors, scales, config, ops, sink, show))
-    sync()
-    seconds["accumulate"] = time.perf_counter() - t
-
-    report = merge_report(full, real, norms, eta, config, backend, source.device, seconds)
-    mine = {
-        "layers": len(local.plan),
-        "bytes_per_model": sum(layer.numel * layer.dtype.itemsize for layer in local.plan),
-        "pass_seconds": seconds,
-        "seconds": time.perf_counter() - start,
-        **(spill.report() if spill is not None else {}),
-    }
-    ranks = comm.gather(mine)
-    report["distributed"] = {"world_size": comm.world, "comm_backend": comm.backend, "ranks": ranks}
-    report["seconds"] = max(r["seconds"] for r in ranks)
-    if spill is not None:  # over all ranks (the peak: an upper bound of what they hold at once)
-        report["spill_bytes"] = sum(r["spill_bytes"] for r in ranks)
-        report["spill_peak_bytes"] = sum(r["spill_peak_bytes"] for r in ranks)
-    return MergeResult(state_dict=out, report=report)
+    state = comm.run(lambda: new_state(source, config, backend))
+    return run_passes(source, state, config, backend, exchange=comm, sink=sink, progress=progress,
+                      spill_dir=spill_dir, start=start)
 
 
 def _shard_names(total: int) -> list[str]:

@@ -7,7 +7,10 @@ finder started from Yᵢ = Zᵢ − Σⱼ wⱼ Zⱼ (linearity: no pass to sketc
 nᵢ are only known once every layer is factored, so pass 3 writes the output:
 θ* = θ₀ + Σⱼ aⱼ τⱼ + Σᵢ sᵢ Lᵢ Rᵢᵀ. A layer of N+1 models is the unit of memory.
 
-The layer operations come from a backend (r2m_fast.backends); everything here is small tensors.
+The sequence is written once, in run_passes: a fresh merge, an incremental add or remove
+(r2m_fast.incremental) differ only in the pass 1 they hand it, one process or many
+(r2m_fast.distributed) only in the Exchange. The layer operations come from a backend
+(r2m_fast.backends); everything here is small tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, Protocol, Sequence, TypeVar, Union
 
 import torch
 
@@ -33,13 +36,15 @@ from r2m_fast.pipeline import cpu_workers, one_thread_per_worker, ordered_map
 from r2m_fast.result import MergeResult
 from r2m_fast.small_eigh import batched_eigh, method as small_eigh_method
 from r2m_fast.sources import LayerSource
+from r2m_fast.spill import Spill, open_spill
 
 if TYPE_CHECKING:
     import os
 
-    from r2m_fast.spill import Spill
+    from r2m_fast.backends import LayerOps
 
 Sink = Callable[[str, torch.Tensor], None]
+T = TypeVar("T")
 
 # Relative gap under which λ_k and λ_{k+1} are a tie and the Real subspace is ambiguous.
 TIE_RTOL = 1e-6
@@ -55,7 +60,7 @@ class MergeState:
     # Operand dtype of the subspace-finding products (Ω and the power iterations).
     range_finder_dtype: torch.dtype = torch.float32
     # Where the sketches and residual factors wait between passes: memory (None) or files (r2m_fast.spill).
-    spill: Optional["Spill"] = None
+    spill: Optional[Spill] = None
 
     def __post_init__(self) -> None:
         if self.spill is not None and not self.sketches:
@@ -66,12 +71,11 @@ class MergeState:
         return {} if self.spill is None else self.spill.store(kind)
 
 
-def new_state(source: LayerSource, config: R2MConfig, backend: Backend, spill: Optional["Spill"] = None) -> MergeState:
-    """The empty state of a merge of `source` with `config` on `backend` (spilling into `spill` if given)."""
+def new_state(source: LayerSource, config: R2MConfig, backend: Backend) -> MergeState:
+    """The empty state of a merge of `source` with `config` on `backend`."""
     return MergeState(
         plan=build_plan(source.specs(), config),
         range_finder_dtype=range_finder_dtype(config, source.device, backend.name),
-        spill=spill,
     )
 
 
@@ -268,8 +272,8 @@ def factor_pass(
 ) -> MutableMapping[str, ResidualFactors]:
     """Pass 2: rank-r factors of every truncated layer's residuals.
 
-    On CPU one layer at a time, each layer's residuals formed once when the backend offers
-    ``residual_operator`` (memory: one layer × N). On CUDA, layers of one shape and rank go through
+    On CPU one layer at a time, each layer's residuals formed once by ``residual_operator``
+    (memory: one layer × N). On CUDA, layers of one shape and rank go through
     the range finder together (see factorize_residuals); their weights are read in place. Each
     layer's sketch is dropped from `state` once factored; the factors go to `state.new_store`.
     """
@@ -293,7 +297,7 @@ def factor_pass(
         for layer, tensors in zip(batch, loaded):
             weights = _matrices(tensors, layer)
             w = all_w[rows[layer.name]]
-            if len(batch) == 1 and hasattr(ops, "residual_operator"):
+            if len(batch) == 1:
                 matmuls.append(ops.residual_operator(weights, w))
             else:
                 matmuls.append(functools.partial(_residual_matmul, ops, weights, w))
@@ -419,7 +423,132 @@ def accumulate_pass(
             sink(layer.name, merged)
 
 
+FirstPass = Callable[[LayerSource, MergeState, R2MConfig, "LayerOps", bool], None]
+
+
+class Exchange(Protocol):
+    """What the processes of one merge share between its passes (DESIGN §2). One process:
+    :class:`LocalExchange`; several: r2m_fast.distributed.Comm (torch.distributed collectives).
+    Each exchange is of a few numbers per layer, and exact, so any number of processes gives the
+    single-process merge bit for bit."""
+
+    leader: bool  # the process that shows progress
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """fn() here; when any process fails, every process raises instead of waiting in a collective."""
+
+    def local_state(self, state: MergeState, spill: Optional[Spill]) -> MergeState:
+        """The state of the layers this process reads, factors and writes."""
+
+    def share_grams(self, state: MergeState, local: MergeState, N: int) -> None:
+        """Fill `state.grams` with every merged layer's (N, N) Gram from the processes' `local.grams`."""
+
+    def solve(self, fn: Callable[[], RealSubspace]) -> RealSubspace:
+        """The Real subspace, solved once and the same answer everywhere."""
+
+    def share_kept(self, plan: Sequence[LayerPlan], kept: Mapping[str, torch.Tensor], N: int) -> Mapping[str, torch.Tensor]:
+        """Every truncated layer's kept σ², (N,) each, from each process's own."""
+
+    def finish_report(self, report: dict, local: MergeState, seconds: Mapping[str, float], start: float) -> None:
+        """Add the spill's counters and the wall time (and, across processes, each one's share)."""
+
+
+class LocalExchange:
+    """One process: every layer is local and there is nothing to exchange."""
+
+    leader = True
+
+    def run(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def local_state(self, state: MergeState, spill: Optional[Spill]) -> MergeState:
+        if spill is not None:
+            state.spill = spill
+            state.sketches = spill.store("sketches")
+        return state
+
+    def share_grams(self, state: MergeState, local: MergeState, N: int) -> None:
+        pass  # the same state
+
+    def solve(self, fn: Callable[[], RealSubspace]) -> RealSubspace:
+        return fn()
+
+    def share_kept(self, plan: Sequence[LayerPlan], kept: Mapping[str, torch.Tensor], N: int) -> Mapping[str, torch.Tensor]:
+        return kept
+
+    def finish_report(self, report: dict, local: MergeState, seconds: Mapping[str, float], start: float) -> None:
+        if local.spill is not None:
+            report.update(local.spill.report())
+        report["seconds"] = time.perf_counter() - start
+
+
 @torch.no_grad()
+def run_passes(
+    source: LayerSource,
+    state: MergeState,
+    config: R2MConfig,
+    backend: Backend,
+    *,
+    first_pass: FirstPass = gram_pass,
+    exchange: Optional[Exchange] = None,
+    sink: Optional[Sink] = None,
+    progress: bool = False,
+    spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+    after_first_pass: Optional[Callable[[MergeState], None]] = None,
+    start: Optional[float] = None,
+) -> MergeResult:
+    """The R²M pass sequence, the one place it is written: pass 1 → the N×N solve → pass 2 → the
+    residual norms → pass 3 → the report.
+
+    `state` is the empty state of the whole plan (new_state). `first_pass` fills its Grams and
+    sketches: gram_pass for a fresh merge; an incremental add or remove brings its own
+    (r2m_fast.incremental). `exchange` spreads the layers over processes (default: this one).
+    `after_first_pass(state)` sees the state once pass 1 is done (an incremental merge saves it).
+    Without a sink the merged tensors come back in the result. With `spill_dir` the sketches and
+    residual factors wait between passes in a temporary folder there (r2m_fast.spill): the same
+    result, bit for bit. Timing, progress and the report are done here."""
+    start = time.perf_counter() if start is None else start
+    exchange = exchange or LocalExchange()
+    ops = backend.ops()
+    N = len(source.labels) - 1
+    out: dict[str, torch.Tensor] = {}
+    sink = sink or out.__setitem__
+    show = progress and exchange.leader
+    sync = torch.cuda.synchronize if source.device.type == "cuda" else lambda: None
+    seconds: dict[str, float] = {}
+
+    with exchange.run(lambda: open_spill(spill_dir, source.device)) as spill:
+        local = exchange.local_state(state, spill)
+
+        t = time.perf_counter()
+        exchange.run(lambda: first_pass(source, local, config, ops, show))
+        exchange.share_grams(state, local, N)
+        if after_first_pass is not None:
+            after_first_pass(state)
+        real = exchange.solve(lambda: solve_real_subspace(state, config, N))
+        sync()
+        seconds["grams_and_solve"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        factors = exchange.run(lambda: factor_pass(source, local, real, config, ops, show))
+        local.sketches.clear()  # sketches are only the range finder's start
+        kept = exchange.share_kept(state.plan, kept_squares(factors), N)
+        norms = residual_norms_from_kept(state, real, kept, N)
+        eta = config.alpha * real.core_norm
+        scales = residual_scales(norms, eta, config.residual_scale)
+        sync()
+        seconds["factors"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        exchange.run(lambda: accumulate_pass(source, local, real, factors, scales, config, ops, sink, show))
+        sync()
+        seconds["accumulate"] = time.perf_counter() - t
+
+        report = merge_report(state, real, norms, eta, config, backend, source.device, seconds)
+        exchange.finish_report(report, local, seconds, start)
+    return MergeResult(state_dict=out, report=report)
+
+
 def run_merge(
     source: LayerSource,
     config: R2MConfig,
@@ -427,67 +556,11 @@ def run_merge(
     progress: bool = False,
     spill_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
 ) -> MergeResult:
-    """R²M over a LayerSource. Without a sink the merged tensors are returned in the result. With
-    `spill_dir`, the sketches and residual factors wait between passes in a temporary folder created
-    there (r2m_fast.spill) instead of memory: the same result, bit for bit."""
-    from r2m_fast.spill import open_spill
-
+    """A fresh R²M merge of a LayerSource in this process (run_passes with gram_pass)."""
     start = time.perf_counter()
-    backend: Backend = resolve_backend(config.backend, source.device)
-    ops = backend.ops()
-    with open_spill(spill_dir, source.device) as spill:
-        state = new_state(source, config, backend, spill)
-        t = time.perf_counter()
-        gram_pass(source, state, config, ops, progress)
-        return merge_from_state(source, state, config, backend, sink, progress, start=start, pass1_start=t)
-
-
-@torch.no_grad()
-def merge_from_state(
-    source: LayerSource,
-    state: MergeState,
-    config: R2MConfig,
-    backend: Backend,
-    sink: Optional[Sink] = None,
-    progress: bool = False,
-    start: Optional[float] = None,
-    pass1_start: Optional[float] = None,
-) -> MergeResult:
-    """Everything after pass 1: the N×N solve, passes 2–3 and the report. `state` holds the Grams of
-    every merged layer and the sketches of every truncated one, from gram_pass or (an incremental
-    re-merge) partly from a saved state; its sketches are dropped after pass 2 to free memory."""
-    start = time.perf_counter() if start is None else start
-    ops = backend.ops()
-    N = len(source.labels) - 1
-    out: dict[str, torch.Tensor] = {}
-    sink = sink or out.__setitem__
-    seconds: dict[str, float] = {}
-
-    t = time.perf_counter() if pass1_start is None else pass1_start
-    sync = torch.cuda.synchronize if source.device.type == "cuda" else lambda: None
-    real = solve_real_subspace(state, config, N)
-    sync()
-    seconds["grams_and_solve"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    factors = factor_pass(source, state, real, config, ops, progress)
-    state.sketches.clear()  # sketches are only the range finder's start
-    norms = residual_norms(state, real, factors, N)
-    eta = config.alpha * real.core_norm
-    scales = residual_scales(norms, eta, config.residual_scale)
-    sync()
-    seconds["factors"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    accumulate_pass(source, state, real, factors, scales, config, ops, sink, progress)
-    sync()
-    seconds["accumulate"] = time.perf_counter() - t
-
-    report = merge_report(state, real, norms, eta, config, backend, source.device, seconds)
-    if state.spill is not None:
-        report.update(state.spill.report())
-    report["seconds"] = time.perf_counter() - start
-    return MergeResult(state_dict=out, report=report)
+    backend = resolve_backend(config.backend, source.device)
+    state = new_state(source, config, backend)
+    return run_passes(source, state, config, backend, sink=sink, progress=progress, spill_dir=spill_dir, start=start)
 
 
 def merge_report(

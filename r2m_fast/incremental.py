@@ -27,6 +27,7 @@ Command line: ``r2m-merge add|remove`` and ``r2m-merge --save-state`` (r2m_fast.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ import torch
 
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
-from r2m_fast.engine import MergeState, gram_pass, merge_from_state, new_state, sketch_matrix
+from r2m_fast.engine import FirstPass, MergeState, gram_pass, new_state, run_passes, sketch_matrix
 from r2m_fast.plan import DECOMPOSED, MergeInputError, ModelLike, check_finite
 from r2m_fast.result import MergeResult
 from r2m_fast.safety import check_device
@@ -342,9 +343,10 @@ def _check_gram_block(name: str, recomputed: torch.Tensor, saved: torch.Tensor, 
 
 
 @torch.no_grad()
-def _add_pass(source: LayerSource, state: IncrementalState, merge_state: MergeState, config: R2MConfig,
+def _add_pass(state: IncrementalState, source: LayerSource, merge_state: MergeState, config: R2MConfig,
               ops: Any, progress: bool) -> None:
-    """Pass 1 of an add. Source models: base, the N old specialists, the new one (last).
+    """Pass 1 of an add (with `state` bound, engine.run_passes' first_pass). Source models: base, the N
+    old specialists, the new one (last).
 
     Per merged layer: the full (N+1)² Gram in one GEMM, exactly as gram_pass computes it, its old block
     checked against the saved Grams; per truncated layer: the new model's sketch only, the old ones
@@ -371,13 +373,15 @@ def _add_pass(source: LayerSource, state: IncrementalState, merge_state: MergeSt
             merge_state.sketches[layer.name] = torch.cat([old, new])
 
 
-def _remove_pass(state: IncrementalState, merge_state: MergeState, index: int, device: torch.device) -> None:
-    """A remove needs no pass: drop row and column `index` of each Gram and model `index`'s sketches."""
+def _remove_pass(state: IncrementalState, index: int, source: LayerSource, merge_state: MergeState,
+                 config: R2MConfig, ops: Any, progress: bool) -> None:
+    """Pass 1 of a remove (with `state` and `index` bound, engine.run_passes' first_pass) reads no
+    model: drop row and column `index` of each Gram and model `index`'s sketches."""
     keep = [j for j in range(state.num_specialists) if j != index]
     for name, gram in state.grams.items():
         merge_state.grams[name] = gram[keep][:, keep].contiguous()
     for name in state.sketch_names:
-        merge_state.sketches[name] = state.sketch(name, keep).to(device)  # sketches live on the compute device
+        merge_state.sketches[name] = state.sketch(name, keep).to(source.device)  # sketches live on the compute device
 
 
 class _VerifyingSource:
@@ -431,14 +435,7 @@ def merge_with_state(
     """r2m_fast.merge, also returning the state an add or remove starts from (bit-identical merge)."""
     config = config or R2MConfig()
     source = DictSource(base, specialists, device=_device(device))
-    backend = resolve_backend(config.backend, source.device)
-    start = time.perf_counter()
-    merge_state = new_state(source, config, backend)
-    gram_pass(source, merge_state, config, backend.ops(), progress)
-    state = _state_from_merge(merge_state, config, source, backend, ModelRecord(),
-                              [ModelRecord() for _ in specialists], None)
-    result = merge_from_state(source, merge_state, config, backend, None, progress, start=start, pass1_start=start)
-    return result, state
+    return _run_merge(source, config, None, progress, ModelRecord(), [ModelRecord() for _ in specialists])
 
 
 @torch.no_grad()
@@ -490,18 +487,26 @@ def _check_index(state: IncrementalState, index: int) -> int:
     return index % state.num_specialists
 
 
+def _run_merge(source: LayerSource, config: R2MConfig, sink: Optional[Callable], progress: bool,
+               base: ModelRecord, records: list[ModelRecord], prefix: Optional[str] = None,
+               save_to: Optional[Path] = None, extra: Optional[Mapping[str, Any]] = None,
+               ) -> tuple[MergeResult, Optional[IncrementalState]]:
+    """A fresh merge (pass 1: engine.gram_pass) that keeps its state."""
+    backend = resolve_backend(config.backend, source.device)
+    start = time.perf_counter()
+    return _run(source, new_state(source, config, backend), config, backend, gram_pass, sink, progress, base,
+                records, prefix, save_to, extra, start)
+
+
 def _run_add(source: LayerSource, state: IncrementalState, config: R2MConfig, sink: Optional[Callable],
              progress: bool, base: ModelRecord, records: list[ModelRecord], prefix: Optional[str] = None,
              save_to: Optional[Path] = None, extra: Optional[Mapping[str, Any]] = None,
-             ) -> tuple[MergeResult, IncrementalState]:
+             ) -> tuple[MergeResult, Optional[IncrementalState]]:
     backend = resolve_backend(config.backend, source.device)
     start = time.perf_counter()
     merge_state = _check_source(source, state, config, backend)
-    _add_pass(source, state, merge_state, config, backend.ops(), progress)
-    new = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
-    if save_to is not None:
-        save_state(new, save_to, extra)
-    result = merge_from_state(source, merge_state, config, backend, sink, progress, start=start, pass1_start=start)
+    result, new = _run(source, merge_state, config, backend, functools.partial(_add_pass, state), sink, progress,
+                       base, records, prefix, save_to, extra, start)
     result.report["incremental"] = {"operation": "add", "reused_sketches_of": state.num_specialists}
     return result, new
 
@@ -509,20 +514,39 @@ def _run_add(source: LayerSource, state: IncrementalState, config: R2MConfig, si
 def _run_remove(source: LayerSource, state: IncrementalState, index: int, config: R2MConfig, sink: Optional[Callable],
                 progress: bool, base: ModelRecord, records: list[ModelRecord], prefix: Optional[str] = None,
                 save_to: Optional[Path] = None, extra: Optional[Mapping[str, Any]] = None,
-                ) -> tuple[MergeResult, IncrementalState]:
+                ) -> tuple[MergeResult, Optional[IncrementalState]]:
     backend = resolve_backend(config.backend, source.device)
     start = time.perf_counter()
     merge_state = _check_source(source, state, config, backend)
-    _remove_pass(state, merge_state, index, source.device)
-    new = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
-    if save_to is not None:
-        save_state(new, save_to, extra)
+    keep = [j for j in range(state.num_specialists) if j != index]
     merged = {layer.name for layer in merge_state.plan if layer.merged}
-    diag = {name: torch.diagonal(g).clone() for name, g in merge_state.grams.items()}
+    diag = {name: torch.diagonal(g)[keep].clone() for name, g in state.grams.items()}
     verifying = _VerifyingSource(source, merged, diag)
-    result = merge_from_state(verifying, merge_state, config, backend, sink, progress, start=start, pass1_start=start)
+    result, new = _run(verifying, merge_state, config, backend, functools.partial(_remove_pass, state, index), sink,
+                       progress, base, records, prefix, save_to, extra, start)
     result.report["incremental"] = {"operation": "remove", "removed_index": index}
     return result, new
+
+
+def _run(source: LayerSource, merge_state: MergeState, config: R2MConfig, backend: Backend, first_pass: FirstPass,
+         sink: Optional[Callable], progress: bool, base: ModelRecord, records: list[ModelRecord],
+         prefix: Optional[str], save_to: Optional[Path], extra: Optional[Mapping[str, Any]], start: float,
+         ) -> tuple[MergeResult, Optional[IncrementalState]]:
+    """engine.run_passes with `first_pass`, snapshotting the state once pass 1 is done: returned, or
+    saved into `save_to` and not kept (on the CPU its sketches are the merge's own tensors, which pass 2
+    frees layer by layer)."""
+    snapshot: list[IncrementalState] = []
+
+    def keep_state(merge_state: MergeState) -> None:
+        state = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
+        if save_to is None:
+            snapshot.append(state)
+        else:
+            save_state(state, save_to, extra)
+
+    result = run_passes(source, merge_state, config, backend, first_pass=first_pass, sink=sink, progress=progress,
+                        after_first_pass=keep_state, start=start)
+    return result, (snapshot[0] if snapshot else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,14 +608,7 @@ def merge_files_with_state(
     config = config or R2MConfig()
 
     def run(source, sink, base, records, prefix, save_to, extra):
-        backend = resolve_backend(config.backend, source.device)
-        start = time.perf_counter()
-        merge_state = new_state(source, config, backend)
-        gram_pass(source, merge_state, config, backend.ops(), progress)
-        state = _state_from_merge(merge_state, config, source, backend, base, records, prefix)
-        save_state(state, save_to, extra)
-        del state  # its sketches are the merge state's own tensors; nothing else keeps them
-        return merge_from_state(source, merge_state, config, backend, sink, progress, start=start, pass1_start=start), None
+        return _run_merge(source, config, sink, progress, base, records, prefix, save_to, extra)
 
     return _write_files(base, specialists, output, config, run=run, prefix=prefix, device=device,
                         shard_size=shard_size, force=force, progress=progress, operation="merge")
