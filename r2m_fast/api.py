@@ -107,7 +107,7 @@ def merge_files(
     output's filesystem must have room for it, and temporary folders left beside `output` by killed
     merges (their process gone) are removed.
     """
-    from r2m_fast.io import merge_checkpoints
+    from r2m_fast.file_merge import merge_checkpoints
 
     return merge_checkpoints(
         base, specialists, output, config or R2MConfig(), method=method, options=options or {}, prefix=prefix,

@@ -293,7 +293,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError("need at least 2 specialists: --specialist PATH (repeat) or 'specialists:' in the config")
     if "output" not in run and not args.dry_run:
         raise CommandError("no output folder: give --output DIR or 'output:' in the config")
-    from r2m_fast.hf import check_inputs
+    from r2m_fast.inputs import check_inputs
 
     try:  # hub ids not cached, unsupported LoRA adapters: bad input, said before any work
         check_inputs(run["base"], specialists, run.get("tokenizer_source"))
@@ -330,7 +330,9 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
 
     from r2m_fast.engine import sketch_width
     from r2m_fast.estimate import calibrate
-    from r2m_fast.io import DEFAULT_SHARD_SIZE, FileSource, ShardedSafetensorsWriter, allowing_safe_globals, output_layout
+    from r2m_fast.inputs import FileSource
+    from r2m_fast.io import allowing_safe_globals
+    from r2m_fast.output import DEFAULT_SHARD_SIZE, needed_bytes, output_layout
     from r2m_fast.pipeline import resident_fits
     from r2m_fast.plan import DECOMPOSED, PASSTHROUGH, build_plan
     from r2m_fast.safety import check_free_space, format_bytes, free_bytes
@@ -411,8 +413,7 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
             work = max(work, largest)
     spill = settings.get("spill_dir") if method == "r2m" else None
     if settings.get("output") is not None:
-        needed = ShardedSafetensorsWriter(settings["output"], output_layout(specs, config.out_dtype),
-                                          shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE).needed_bytes()
+        needed = needed_bytes(output_layout(specs, config.out_dtype), settings.get("shard_size") or DEFAULT_SHARD_SIZE)
         parent = Path(settings["output"]).absolute().parent
         free = free_bytes(parent)
         print(f"output disk space: needs {format_bytes(needed)} in {parent}, "
@@ -554,7 +555,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.save_state:
         return _merge_saving_state(args, settings)
-    from r2m_fast.io import DEFAULT_SHARD_SIZE, merge_checkpoints
+    from r2m_fast.file_merge import merge_checkpoints
+    from r2m_fast.output import DEFAULT_SHARD_SIZE
 
     result = merge_checkpoints(
         settings["base"], settings["specialists"], settings["output"], settings["config"],
@@ -572,7 +574,8 @@ def _run(args: argparse.Namespace) -> int:
 def _merge_saving_state(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     """``r2m-merge ... --save-state``: the merge, and its state in OUTPUT/r2m_state for add/remove."""
     from r2m_fast.incremental import STATE_DIR, merge_files_with_state
-    from r2m_fast.io import DEFAULT_SHARD_SIZE, allowing_safe_globals
+    from r2m_fast.io import allowing_safe_globals
+    from r2m_fast.output import DEFAULT_SHARD_SIZE
 
     if settings["method"] != "r2m":
         raise CommandError("--save-state: a merge state exists for method r2m only")

@@ -25,9 +25,7 @@ instead of hanging in a collective. NCCL on CUDA devices (device = cuda:LOCAL_RA
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,7 +40,6 @@ from r2m_fast.engine import MergeState, Sink, new_state, run_passes
 from r2m_fast.factors import RealSubspace
 from r2m_fast.plan import DECOMPOSED, LayerPlan
 from r2m_fast.result import MergeResult
-from r2m_fast.safety import make_temp_dir, remove_stale_temps
 from r2m_fast.sources import LayerSource
 
 if TYPE_CHECKING:
@@ -189,25 +186,6 @@ def merge_distributed(
                       spill_dir=spill_dir, start=start)
 
 
-def _shard_names(total: int) -> list[str]:
-    from r2m_fast.io import SAFETENSORS_SINGLE
-
-    return [SAFETENSORS_SINGLE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-
-
-class _FolderWriter:
-    """add_text/add_file straight into a folder (rank 0's temporary output, moved into place whole)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def add_text(self, filename: str, text: str) -> None:
-        (self.folder / filename).write_text(text)
-
-    def add_file(self, filename: str, source: PathLike) -> None:
-        shutil.copyfile(source, self.folder / filename)
-
-
 def merge_files_distributed(
     base: PathLike,
     specialists: Sequence[PathLike],
@@ -223,109 +201,81 @@ def merge_files_distributed(
     spill_dir: Optional[PathLike] = None,
 ) -> MergeResult:
     """r2m_fast.merge_files on every rank of an initialized process group: same output folder layout
-    (shards + model.safetensors.index.json, merge_config.yaml, merge_report.json), written atomically.
-    `spill_dir`: as for merge_distributed."""
-    import yaml
-
-    from r2m_fast.io import (
-        CONFIG_FILE, REPORT_FILE, SAFETENSORS_INDEX, FileSource, ShardedSafetensorsWriter, check_output_apart,
-        output_layout, output_report, run_config_dict,
+    (shards + model.safetensors.index.json, merge_config.yaml, merge_report.json, model files),
+    written through the same transaction (r2m_fast.output.OutputFolder), which rank 0 opens and
+    commits; each rank writes its shards into a sub-folder of it. `spill_dir`: as for merge_distributed."""
+    from r2m_fast.inputs import FileSource
+    from r2m_fast.output import (
+        OutputFolder, ShardedSafetensorsWriter, check_output_apart, finish_folder, needed_bytes, output_layout,
+        shard_names, sigterm_cleans_up,
     )
-    from r2m_fast.hf import add_model_files
-    from r2m_fast.io import _umask
     from r2m_fast.plan import build_plan
 
     config = config or R2MConfig()
     comm = Comm(group)
     started = time.time()
     t0 = time.perf_counter()
-    out = Path(output)
+    with sigterm_cleans_up(), comm.run(lambda: FileSource(base, specialists, device=device, prefix=prefix)) as source:
+        specs = source.specs()
+        layout_all = output_layout(specs, config.out_dtype)
+        folder = OutputFolder(output, force=force, needed=needed_bytes(layout_all, shard_size))
 
-    def prepare() -> Optional[str]:
-        if comm.rank != 0:
-            return None
-        check_output_apart(output, [base, *specialists])
-        if out.exists() and not force:
-            raise FileExistsError(f"{out}: output exists; pass --force (force=True) to replace it")
-        parent = out.absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)
-        return str(make_temp_dir(parent, out.name))
-
-    tmp_root = Path(comm.broadcast(comm.run(prepare)))
-    committed = False
-    try:
-        def visible() -> None:
-            if not tmp_root.is_dir():
-                raise RuntimeError(f"{tmp_root} is not visible here: the output folder must be on a filesystem every rank shares")
-
-        comm.run(visible)
-        source = comm.run(lambda: FileSource(base, specialists, device=device, prefix=prefix))
-        try:
-            specs = source.specs()
-            plan = build_plan(specs, config)
-            owner = assign_layers(plan, comm.world)
-            mine = {layer.name: specs[layer.name] for layer in plan if owner[layer.name] == comm.rank}
-            layout = output_layout(mine, config.out_dtype)
-            # Entered inside comm.run: a rank that cannot create its folder stops every rank.
-            writer = comm.run(lambda: ShardedSafetensorsWriter(
-                tmp_root / f"rank-{comm.rank:05d}", layout, shard_size=shard_size).__enter__())
-            try:
-                result = merge_distributed(source, config, sink=writer, progress=progress, group=group,
-                                           spill_dir=spill_dir)
-                comm.run(lambda: writer.commit() if layout else None)
-            finally:
-                writer.__exit__(None, None, None)  # removes its temporary folder unless committed
-            shards = [[name for name, _, _ in shard] for shard in writer.shards] if layout else []
-            files = comm.gather({"files": list(writer.files) if layout else [], "shards": shards})
-        finally:
-            source.close()
-
-        def finish() -> Optional[dict]:
+        def open_folder() -> Optional[str]:
             if comm.rank != 0:
                 return None
-            moves = [(tmp_root / f"rank-{r:05d}" / f, names) for r, info in enumerate(files)
-                     for f, names in zip(info["files"], info["shards"])]
-            final = _shard_names(len(moves))
-            weight_map = {}
-            for (path, names), name in zip(moves, final):
-                os.rename(path, tmp_root / name)
-                weight_map.update((n, name) for n in names)
-            for r in range(comm.world):
-                shutil.rmtree(tmp_root / f"rank-{r:05d}", ignore_errors=True)
-            layout_all = output_layout(specs, config.out_dtype)
-            if len(final) > 1:
-                total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in layout_all)
-                params = sum(torch.Size(s).numel() for _, s, _ in layout_all)
-                index = {"metadata": {"total_parameters": params, "total_size": total},
-                         "weight_map": {n: weight_map[n] for n, _, _ in layout_all}}
-                (tmp_root / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            report = output_report(result, base, specialists, output, prefix, final, started, t0)
-            run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
-            run_cfg["nproc"] = comm.world
-            (tmp_root / CONFIG_FILE).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
-            report["model_files"] = add_model_files(_FolderWriter(tmp_root), base, specialists, layout_all, "r2m", {},
-                                                    yaml.safe_dump(run_cfg, sort_keys=False), prefix=prefix)
-            (tmp_root / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-            os.chmod(tmp_root, 0o777 & ~_umask())  # a model folder's mode, not mkdtemp's 0700
-            if out.exists():
-                if not force:
-                    raise FileExistsError(f"{out}: output appeared during the merge; pass --force to replace it")
-                trash = make_temp_dir(tmp_root.parent, out.name, kind="old")
-                os.rename(out, trash / "old")
-                os.rename(tmp_root, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp_root, out)
-            return report
+            check_output_apart(output, [base, *specialists])
+            return str(folder.__enter__().path)
 
-        report = comm.broadcast(comm.run(finish))
-        committed = True
-        result.report = report
-        return result
-    finally:
-        if comm.rank == 0 and not committed:
-            shutil.rmtree(tmp_root, ignore_errors=True)
+        root = Path(comm.broadcast(comm.run(open_folder)))
+        try:
+            def own_folder() -> Path:
+                if not root.is_dir():
+                    raise RuntimeError(f"{root} is not visible here: the output folder must be on a filesystem every rank shares")
+                mine = root / f"rank-{comm.rank:05d}"
+                try:
+                    mine.mkdir()
+                except OSError as exc:
+                    raise folder.fail(exc) from exc
+                return mine
+
+            mine = comm.run(own_folder)
+            plan = build_plan(specs, config)
+            owner = assign_layers(plan, comm.world)
+            layout = output_layout({layer.name: specs[layer.name] for layer in plan if owner[layer.name] == comm.rank},
+                                   config.out_dtype)
+            writer = ShardedSafetensorsWriter(mine, layout, shard_size=shard_size, on_error=folder.fail)
+            result = merge_distributed(source, config, sink=writer, progress=progress, group=group, spill_dir=spill_dir)
+            comm.run(writer.close)
+            written = comm.gather({"files": writer.files if layout else [],
+                                   "shards": [[name for name, _, _ in shard] for shard in writer.shards] if layout else []})
+
+            def finish() -> Optional[dict]:
+                if comm.rank != 0:
+                    return None
+                # Every rank's shards, in rank order, take the Hugging Face names of the whole output.
+                moves = [(root / f"rank-{r:05d}" / file, names) for r, info in enumerate(written)
+                         for file, names in zip(info["files"], info["shards"])]
+                weight_map = {}
+                try:
+                    for (path, names), name in zip(moves, shard_names(len(moves))):
+                        os.rename(path, root / name)
+                        weight_map.update((n, name) for n in names)
+                    for r in range(comm.world):
+                        os.rmdir(root / f"rank-{r:05d}")
+                except OSError as exc:
+                    raise folder.fail(exc) from exc
+                report = finish_folder(folder, result, base=base, specialists=specialists, layout=layout_all,
+                                       weight_map=weight_map, config=config, prefix=prefix, shard_size=shard_size,
+                                       device=device, started=started, t0=t0, run_config_extra={"nproc": comm.world})
+                folder.commit()
+                return report
+
+            report = comm.broadcast(comm.run(finish))
+        finally:
+            if comm.rank == 0:
+                folder.abort()
+    result.report = report
+    return result
 
 
 def init_from_env(device: Optional[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:

@@ -134,7 +134,7 @@ def _run_example(
     folder: Path, force: bool, quiet: bool, device: Optional[str], spill_dir: Optional[Union[str, os.PathLike]],
 ) -> "MergeResult":
     from r2m_fast.config import R2MConfig
-    from r2m_fast.io import merge_checkpoints
+    from r2m_fast.file_merge import merge_checkpoints
 
     base, specialists = write_example(folder)
     if not quiet:

@@ -251,32 +251,3 @@ def add_model_files(
     writer.add_text(MODEL_CARD, card)
     added.append(MODEL_CARD)
     return added
-
-
-def open_input(spec: PathLike, prefix: Optional[str], base: Optional[PathLike] = None):
-    """Open one merge input lazily: a checkpoint file or folder, a repo id from the local cache, or
-    (for a specialist, `base` given) a PEFT LoRA adapter folder materialized on `base` layer by layer."""
-    from r2m_fast.io import open_checkpoint
-    from r2m_fast.lora import LoraCheckpoint, is_adapter
-
-    path = resolve_model(spec)
-    if is_adapter(path):
-        if base is None:
-            raise MergeInputError(f"{spec}: is a LoRA adapter; the base must be a full model")
-        return LoraCheckpoint(path, base, prefix)
-    return open_checkpoint(path, prefix)
-
-
-def check_inputs(base: PathLike, specialists: Sequence[PathLike], tokenizer_source: Optional[PathLike] = None) -> None:
-    """Refuse, before any work, inputs that cannot be read as given: repo ids not in the cache, a
-    LoRA adapter as the base, adapters of an unsupported kind (MergeInputError naming file and key)."""
-    from r2m_fast.lora import check_adapter, is_adapter
-
-    if is_adapter(resolve_model(base)):
-        raise MergeInputError(f"{base}: is a LoRA adapter; the base must be a full model")
-    for spec in specialists:
-        path = resolve_model(spec)
-        if is_adapter(path):
-            check_adapter(path)
-    if tokenizer_source is not None:
-        check_tokenizer_source(resolve_model(tokenizer_source), model_folder(resolve_model(base)), "tokenizer_source")

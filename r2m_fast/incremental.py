@@ -203,7 +203,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def save_state(state: IncrementalState, directory: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Write `state` into `directory` (created; replaced files are overwritten): state.json + state.safetensors."""
-    from r2m_fast.io import versions, write_safetensors
+    from r2m_fast.io import write_safetensors
+    from r2m_fast.output import versions
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -563,40 +564,23 @@ def _records(base: PathLike, specialists: Sequence[PathLike]) -> tuple[ModelReco
 
 def _write_files(
     base: PathLike, specialists: Sequence[PathLike], output: PathLike, config: R2MConfig, *,
-    run: Callable[..., tuple[MergeResult, IncrementalState]], prefix: Optional[str], device: Any,
-    shard_size: Union[int, str], force: bool, progress: bool, operation: str,
+    run: Callable[..., tuple[MergeResult, Optional[IncrementalState]]], prefix: Optional[str], device: Any,
+    shard_size: Union[int, str], force: bool, operation: str,
 ) -> MergeResult:
-    """A streamed merge into `output` (atomic, as r2m_fast.io.merge_checkpoints) whose state goes into
-    output/r2m_state before the folder is moved into place: a merged folder always holds its state."""
-    import yaml
+    """A merge into `output` (r2m_fast.file_merge.merge_into_folder: the output transaction every writer
+    uses) whose state goes into output/r2m_state before the folder is moved into place: a merged
+    folder always holds its state."""
+    from r2m_fast.file_merge import merge_into_folder
 
-    from r2m_fast.io import (
-        CONFIG_FILE, REPORT_FILE, FileSource, ShardedSafetensorsWriter, check_output_apart, output_layout,
-        output_report, run_config_dict,
-    )
-
-    started = time.time()
-    t0 = time.perf_counter()
-    check_output_apart(output, [base, *specialists])
     base_record, records = _records(base, specialists)
-    with FileSource(base, specialists, device=device, prefix=prefix) as source:
-        layout = output_layout(source.specs(), config.out_dtype)
-        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force) as writer:
-            assert writer.tmp is not None
-            result, _ = run(source, sink=writer, base=base_record, records=records, prefix=prefix,
-                            save_to=writer.tmp / STATE_DIR, extra={"output": os.path.abspath(output)})
-            report = output_report(result, base, specialists, output, prefix, writer.files, started, t0,
-                                   state=STATE_DIR, operation=operation)
-            run_cfg = run_config_dict(base, specialists, output, config, "r2m", {}, prefix, shard_size, device)
-            writer.add_text(CONFIG_FILE, yaml.safe_dump(run_cfg, sort_keys=False))
-            from r2m_fast.hf import add_model_files  # config, tokenizer, card: the folder is a model
 
-            report["model_files"] = add_model_files(writer, base, specialists, layout, "r2m", {},
-                                                    yaml.safe_dump(run_cfg, sort_keys=False), prefix=prefix)
-            writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
-            writer.commit()
-    result.report = report
-    return result
+    def merge(source: LayerSource, sink: Callable, folder: Path) -> MergeResult:
+        result, _ = run(source, sink=sink, base=base_record, records=records, prefix=prefix,
+                        save_to=folder / STATE_DIR, extra={"output": os.path.abspath(output)})
+        return result
+
+    return merge_into_folder(base, specialists, output, config, merge, prefix=prefix, device=_device(device),
+                             shard_size=shard_size, force=force, resident=True, state=STATE_DIR, operation=operation)
 
 
 def merge_files_with_state(
@@ -611,7 +595,7 @@ def merge_files_with_state(
         return _run_merge(source, config, sink, progress, base, records, prefix, save_to, extra)
 
     return _write_files(base, specialists, output, config, run=run, prefix=prefix, device=device,
-                        shard_size=shard_size, force=force, progress=progress, operation="merge")
+                        shard_size=shard_size, force=force, operation="merge")
 
 
 def _resolve_inputs(state: IncrementalState, base: Optional[PathLike], old: Optional[Sequence[PathLike]],
@@ -658,7 +642,7 @@ def add_specialist_files(
         return _run_add(source, state, config, sink, progress, base, records, prefix, save_to, extra)
 
     return _write_files(base, [*old, new_specialist], output, config, run=run, prefix=state.prefix,
-                        device=device, shard_size=shard_size, force=force, progress=progress, operation="add")
+                        device=device, shard_size=shard_size, force=force, operation="add")
 
 
 def remove_specialist_files(
@@ -689,7 +673,7 @@ def remove_specialist_files(
         return _run_remove(source, state, index, config, sink, progress, base, records, prefix, save_to, extra)
 
     return _write_files(base, kept, output, config, run=run, prefix=state.prefix, device=device,
-                        shard_size=shard_size, force=force, progress=progress, operation="remove")
+                        shard_size=shard_size, force=force, operation="remove")
 
 
 if __name__ == "__main__":

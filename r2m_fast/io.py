@@ -1,4 +1,4 @@
-"""Checkpoint I/O for streamed merges: lazy LayerSources over files and an atomic sharded writer.
+"""Checkpoint reading for streamed merges: lazy LayerSources over files, and the safetensors format.
 
 Inputs: a ``.safetensors`` file, a Hugging Face style folder (``model.safetensors``, or shards plus
 ``model.safetensors.index.json``; ``pytorch_model.bin`` likewise), or a ``.pt``/``.pth``/``.bin``
@@ -12,10 +12,8 @@ read followed by ``clone`` would, and the buffer is freed as soon as the layer i
 stays near one layer × (N+2). PyTorch pickles have no such index, so they are ``torch.load``-ed with
 ``mmap=True`` and re-opened once the bytes touched pass a budget, which drops the mapping.
 
-Output: :class:`ShardedSafetensorsWriter` streams each tensor straight into its shard (the layout is
-known before the merge starts, so headers are written first and nothing is buffered), inside a
-temporary folder beside the target that is renamed into place only once complete and removed on any
-error or interrupt.
+The safetensors encoding (write_safetensors, write_tensor_data) is here too: the output writer
+(r2m_fast.output), the spill and the incremental state all write through it.
 """
 
 from __future__ import annotations
@@ -25,9 +23,6 @@ import math
 import mmap
 import os
 import re
-import shutil
-import signal
-import time
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -36,13 +31,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-from r2m_fast.config import R2MConfig
-from r2m_fast.plan import MergeInputError, check_compatible
-from r2m_fast.result import MergeResult
-from r2m_fast.safety import (
-    SIDE_FILES_BYTES, SIDE_FILES_BYTES_PER_TENSOR, OutputError, blocked_globals, check_device, check_free_space,
-    known_safe_globals, make_temp_dir, output_write_error, refused_pickle_message, remove_stale_temps,
-)
+from r2m_fast.plan import MergeInputError
+from r2m_fast.safety import blocked_globals, known_safe_globals, refused_pickle_message
 
 PathLike = Union[str, os.PathLike]
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -54,13 +44,8 @@ BIN_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training scripts commonly wrap the state dict, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "ema", "params")
-DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes, the Hugging Face default ("5GB")
 # Bytes a mmapped .pt checkpoint may serve before it is re-opened so that touched pages are unmapped.
 PICKLE_REMAP_BYTES = 256 * 2**20
-CONFIG_FILE = "merge_config.yaml"
-REPORT_FILE = "merge_report.json"
-# Testing hook: seconds to sleep after each written tensor, so an interrupt can land mid-merge.
-SINK_DELAY_ENV = "R2M_SINK_DELAY_S"
 
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -490,74 +475,6 @@ def _open_index(path: Path, prefix: Optional[str]) -> Checkpoint:
     return PickleCheckpoint(path, list(dict.fromkeys(shard_of.values())), prefix)
 
 
-class FileSource:
-    """A LayerSource over checkpoints on disk; labels are the input paths (for error messages).
-
-    Safetensors are served as views of file mappings (no copy). Streamed (the default), a layer's
-    pages leave the process when the next layer is loaded: the RSS holds about one layer of the N+1
-    models (KEEP_MAPPED layers). ``resident=True`` keeps them mapped, so the later passes of a merge that reads its
-    inputs several times (R²M: three) find them in place; only for inputs that fit in memory
-    (see ``resident_fits``). The pages are clean file pages either way: the kernel can reclaim them.
-    """
-
-    # Layers whose pages stay mapped when streaming: those up to MAX_LAYER_WORKERS worker threads
-    # compute on, the one queued and the one being loaded (see r2m_fast.pipeline.ordered_map).
-    KEEP_MAPPED = 6
-
-    def __init__(
-        self,
-        base: PathLike,
-        specialists: Sequence[PathLike],
-        device: Optional[Union[str, torch.device]] = None,
-        prefix: Optional[str] = None,
-        resident: bool = False,
-    ):
-        self.resident = resident
-        self._loaded: list[str] = []  # the layers loaded last, newest last
-        self.paths = [Path(base)] + [Path(s) for s in specialists]
-        self.labels = [str(p) for p in self.paths]
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._checkpoints: list[Checkpoint] = []
-        try:
-            from r2m_fast.hf import open_input
-
-            for i, path in enumerate(self.paths):  # specialists may be LoRA adapters on the base
-                self._checkpoints.append(open_input(path, prefix, base=self.paths[0] if i else None))
-            specs = [c.specs for c in self._checkpoints]
-            check_compatible(list(specs[0]), specs[0], specs[1:], self.labels[1:])
-        except BaseException:
-            self.close()
-            raise
-        self._specs = specs[0]
-
-    def specs(self) -> Specs:
-        return self._specs
-
-    def load(self, name: str) -> list[torch.Tensor]:
-        if name not in self._loaded:
-            self._loaded.append(name)
-            if len(self._loaded) > self.KEEP_MAPPED:
-                old = self._loaded.pop(0)
-                if not self.resident:
-                    for c in self._checkpoints:
-                        c.release(old)
-        return [c.view(name).to(self.device) for c in self._checkpoints]
-
-    def input_bytes(self) -> int:
-        """Bytes of all N+1 inputs' tensors."""
-        return len(self._checkpoints) * sum(_nbytes(shape, dtype) for shape, dtype in self._specs.values())
-
-    def close(self) -> None:
-        for c in self._checkpoints:
-            c.close()
-
-    def __enter__(self) -> "FileSource":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 def load_state_dict(path: PathLike, prefix: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint in memory (for small models, tests and the in-memory API)."""
     ckpt = open_checkpoint(path, prefix)
@@ -568,7 +485,7 @@ def load_state_dict(path: PathLike, prefix: Optional[str] = None) -> dict[str, t
 
 
 # ----------------------------------------------------------------------------------------------
-# Writer
+# The safetensors format, written
 # ----------------------------------------------------------------------------------------------
 
 
@@ -586,14 +503,6 @@ def parse_size(value: Union[int, float, str]) -> int:
     if size <= 0:
         raise ValueError(f"shard_size: must be positive, got {value!r}")
     return size
-
-
-def output_layout(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], out_dtype: Optional[torch.dtype]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(name, shape, dtype) of every output tensor in write order: floats in out_dtype when set."""
-    return [
-        (name, tuple(shape), out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
-        for name, (shape, dtype) in specs.items()
-    ]
 
 
 def _header_bytes(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
@@ -630,402 +539,3 @@ def write_safetensors(path: PathLike, items: Sequence[tuple[str, torch.Tensor]],
         if sync:
             os.fsync(handle.fileno())
         return handle.tell()
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the finished folder is moved into place (never half-renamed)."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-@contextmanager
-def _sigterm_cleans_up() -> Iterator[None]:
-    """Turn a default (fatal) SIGTERM into SystemExit(143) for the duration, so the writer's cleanup
-    runs; a handler the program installed itself (r2m-merge has one) is left alone."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-class ShardedSafetensorsWriter:
-    """A merge sink writing sharded safetensors atomically into `output` (a folder).
-
-    Use as a context manager; call it as ``writer(name, tensor)`` once per layout entry, in order;
-    ``add_text`` adds side files; ``commit()`` moves the folder into place. Leaving the block
-    without commit (an error, KeyboardInterrupt, SystemExit from a signal handler) removes the
-    temporary folder, so no partial output is ever visible at `output`.
-
-    Shards follow Hugging Face: ``model.safetensors`` when one shard suffices, else
-    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. A tensor larger
-    than `shard_size` gets a shard of its own.
-    """
-
-    def __init__(
-        self,
-        output: PathLike,
-        layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-        shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
-        force: bool = False,
-        sync: bool = True,
-    ):
-        self.output = Path(output)
-        self.sync = sync
-        self.layout = list(layout)
-        self.shard_size = parse_size(shard_size)
-        self.force = force
-        self.shards = self._plan_shards()
-        self.files = (
-            [SAFETENSORS_SINGLE]
-            if len(self.shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
-        )
-        self.tmp: Optional[Path] = None
-        self._pos = 0
-        self._shard = -1
-        self._handle = None
-        self._texts: dict[str, str] = {}
-        self._copies: dict[str, Path] = {}
-        self._delay = float(os.environ.get(SINK_DELAY_ENV, "0") or 0)
-
-    def _plan_shards(self) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
-        shards: list[list] = [[]]
-        size = 0
-        for entry in self.layout:
-            nbytes = _nbytes(entry[1], entry[2])
-            if shards[-1] and size + nbytes > self.shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append(entry)
-            size += nbytes
-        return shards
-
-    def needed_bytes(self) -> int:
-        """Disk space the finished folder takes: shards (headers included), index and side files."""
-        shards = sum(len(_header_bytes(shard)) + sum(_nbytes(s, d) for _, s, d in shard) for shard in self.shards)
-        index = 100 * len(self.layout) if len(self.shards) > 1 else 0  # ≈ one weight_map line per tensor
-        return shards + index + SIDE_FILES_BYTES + SIDE_FILES_BYTES_PER_TENSOR * len(self.layout)
-
-    def check_target(self) -> None:
-        """Refuse an existing output unless forced (checked again just before the final rename)."""
-        if self.output.exists() and not self.force:
-            raise FileExistsError(f"{self.output}: output exists; pass --force (force=True) to replace it")
-        if self.output.exists() and not self.output.is_dir():
-            raise FileExistsError(f"{self.output}: exists and is not a folder")
-
-    def __enter__(self) -> "ShardedSafetensorsWriter":
-        self.check_target()
-        parent = self.output.absolute().parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.output)  # before the space check: leftovers of killed merges count
-            check_free_space(self.output, self.needed_bytes())
-            self.tmp = make_temp_dir(parent, self.output.name)
-        except OutputError:
-            raise
-        except OSError as exc:
-            raise output_write_error(self.output, exc) from exc
-        return self
-
-    def _failed(self, exc: OSError) -> OSError:
-        """The error to raise for `exc` met while writing, after removing what was written."""
-        self.abort()
-        return output_write_error(self.output, exc, self.needed_bytes())
-
-    def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        if self.tmp is None:
-            raise RuntimeError("ShardedSafetensorsWriter used outside its with-block")
-        if self._pos >= len(self.layout):
-            raise RuntimeError(f"writer: unexpected extra tensor {name!r}")
-        want_name, shape, dtype = self.layout[self._pos]
-        if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(
-                f"writer: expected {want_name!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}"
-            )
-        shard = self._shard_index(self._pos)
-        try:
-            if shard != self._shard:
-                self._close_shard()
-                self._shard = shard
-                self._handle = open(self.tmp / self.files[shard], "wb")
-                self._handle.write(_header_bytes(self.shards[shard]))
-            write_tensor_data(self._handle, tensor)
-        except OSError as exc:
-            raise self._failed(exc) from exc
-        self._pos += 1
-        if self._delay:
-            time.sleep(self._delay)
-
-    def _shard_index(self, pos: int) -> int:
-        for i, shard in enumerate(self.shards):
-            if pos < len(shard):
-                return i
-            pos -= len(shard)
-        raise IndexError(pos)
-
-    def _close_shard(self) -> None:
-        if self._handle is not None:
-            self._handle.flush()
-            if self.sync:
-                os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
-
-    def add_text(self, filename: str, text: str) -> None:
-        """A side file (config, report) written into the folder at commit."""
-        self._texts[filename] = text
-
-    def add_file(self, filename: str, source: PathLike) -> None:
-        """A copy of `source` (tokenizer, generation config) written into the folder at commit."""
-        self._copies[filename] = Path(source)
-
-    def commit(self) -> Path:
-        if self._pos != len(self.layout):
-            raise RuntimeError(f"writer: {len(self.layout) - self._pos} tensor(s) never written")
-        assert self.tmp is not None
-        try:
-            self._close_shard()
-            if len(self.shards) > 1:
-                index = {
-                    # transformers 5 writes total_parameters beside total_size
-                    "metadata": {"total_parameters": sum(math.prod(s) for _, s, _ in self.layout),
-                                 "total_size": sum(_nbytes(s, d) for _, s, d in self.layout)},
-                    "weight_map": {
-                        name: file for shard, file in zip(self.shards, self.files) for name, _, _ in shard
-                    },
-                }
-                (self.tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            for filename, text in self._texts.items():
-                (self.tmp / filename).write_text(text)
-            for filename, source in self._copies.items():
-                shutil.copyfile(source, self.tmp / filename)
-            # mkdtemp makes the folder 0700; a model folder gets the mode mkdir would give it (HF's 0755
-            # under the usual umask).
-            os.chmod(self.tmp, 0o777 & ~_umask())
-        except OSError as exc:
-            raise self._failed(exc) from exc
-        with _signals_deferred():
-            self.check_target()
-            trash = None
-            try:
-                if self.output.exists():
-                    trash = make_temp_dir(self.tmp.parent, self.output.name, kind="old")
-                    os.rename(self.output, trash / "old")
-                os.rename(self.tmp, self.output)
-            except OSError as exc:
-                if trash is not None:
-                    if (trash / "old").exists() and not self.output.exists():
-                        os.rename(trash / "old", self.output)  # put the replaced output back
-                    shutil.rmtree(trash, ignore_errors=True)
-                raise self._failed(exc) from exc
-            self.tmp = None
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-        return self.output
-
-    def abort(self) -> None:
-        if self._handle is not None:
-            try:
-                self._handle.close()
-            except OSError:  # its buffer could not be flushed (a full disk): the file goes anyway
-                pass
-            self._handle = None
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is not None:
-            self.abort()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where /proc says it (os.umask must set one)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def check_output_apart(output: PathLike, inputs: Sequence[PathLike]) -> None:
-    """Refuse an output folder that is, or contains, an input: replacing it would modify inputs."""
-    out = Path(output).resolve()
-    for path in inputs:
-        p = Path(path).resolve()
-        if p == out or out in p.parents:
-            raise MergeInputError(f"{output}: output would replace input {path}; choose another folder")
-
-
-# ----------------------------------------------------------------------------------------------
-# A whole streamed merge: inputs on disk → output folder
-# ----------------------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    import platform
-    import sys
-
-    import safetensors
-
-    import r2m_fast
-
-    return {
-        "r2m_fast": r2m_fast.__version__,
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
-
-
-def output_report(
-    result: MergeResult, base: PathLike, specialists: Sequence[PathLike], output: PathLike, prefix: Optional[str],
-    files: Sequence[str], started: float, t0: float, timings: Optional[dict] = None, **fields: Any,
-) -> dict:
-    """The report written beside a merged checkpoint: the merge's own report, `fields`, where it read
-    and wrote, versions, and timings (`timings` first, then the merge's and the total since `t0`)."""
-    report = dict(result.report)
-    report.update(fields)
-    report.update({
-        "inputs": {"base": str(base), "specialists": [str(s) for s in specialists]},
-        "prefix": prefix,
-        "output": str(output),
-        "files": list(files) + ([SAFETENSORS_INDEX] if len(files) > 1 else []),
-        "versions": versions(),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "timings": {**(timings or {}),
-                    "merge_seconds": result.report.get("seconds"),
-                    "pass_seconds": result.report.get("pass_seconds"),
-                    "total_seconds": time.perf_counter() - t0},
-    })
-    return report
-
-
-def run_config_dict(
-    base: PathLike, specialists: Sequence[PathLike], output: PathLike, config: R2MConfig, method: str,
-    options: Mapping[str, Any], prefix: Optional[str], shard_size: Union[int, str], device: Any,
-    allow_safe_globals: bool = False,
-) -> dict[str, Any]:
-    """The YAML the merge ran with: feeding it back to r2m-merge repeats the merge. k_real is
-    recorded as used: clamped to the number of specialists."""
-    from r2m_fast.hf import recorded_path
-
-    out: dict[str, Any] = {
-        "base": recorded_path(base),
-        "specialists": [recorded_path(s) for s in specialists],
-        "output": os.path.abspath(output),
-        "method": method,
-    }
-    out.update({k: _option_value(v) for k, v in options.items()})
-    if prefix is not None:
-        out["prefix"] = prefix
-    out["shard_size"] = parse_size(shard_size)
-    if device is not None:
-        out["device"] = str(device)
-    if allow_safe_globals:
-        out["allow_safe_globals"] = True
-    out.update(config.to_dict())
-    out["k_real"] = min(config.k_real, len(specialists))
-    return out
-
-
-def _option_value(value: Any) -> Any:
-    """A method option as YAML writes it: numbers as floats, per-model lists as lists of floats."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    return float(value)
-
-
-def merge_checkpoints(
-    base: PathLike,
-    specialists: Sequence[PathLike],
-    output: PathLike,
-    config: R2MConfig,
-    *,
-    method: str = "r2m",
-    options: Optional[Mapping[str, Any]] = None,
-    prefix: Optional[str] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
-    force: bool = False,
-    progress: bool = False,
-    spill_dir: Optional[PathLike] = None,
-    allow_safe_globals: bool = False,
-    copy_tokenizer: bool = True,
-    tokenizer_source: Optional[PathLike] = None,
-):
-    """Stream a merge of checkpoints on disk into `output` (see r2m_fast.api.merge_files)."""
-    import yaml
-
-    from r2m_fast.baselines import method_options, run_method
-    from r2m_fast.hf import add_model_files, check_tokenizer_source, model_folder, recorded_path, resolve_model
-
-    specialists = list(specialists)  # a generator would be spent by the first look
-    options = dict(options or {})
-    method_options(method, options)
-    device = check_device(device)
-    started = time.time()
-    t0 = time.perf_counter()
-    check_output_apart(output, [resolve_model(p) for p in (base, *specialists)])
-    if copy_tokenizer and tokenizer_source is not None:  # refused before the merge, not after it
-        check_tokenizer_source(resolve_model(tokenizer_source), model_folder(resolve_model(base)), "tokenizer_source")
-    if spill_dir is not None:
-        from r2m_fast.spill import check_spill_dir
-
-        check_spill_dir(spill_dir)  # before anything is read or written
-    from r2m_fast.pipeline import BackgroundSink, fsync_output, resident_fits
-
-    with _sigterm_cleans_up(), allowing_safe_globals(allow_safe_globals), \
-            FileSource(base, specialists, device=device, prefix=prefix) as source:
-        # R²M reads its inputs three times: keep them mapped when they fit (a baseline reads them
-        # once); a merge told to spill asked for bounded memory, so it streams.
-        source.resident = method == "r2m" and spill_dir is None and resident_fits(source.input_bytes())
-        open_seconds = time.perf_counter() - t0
-        layout = output_layout(source.specs(), config.out_dtype)
-        with ShardedSafetensorsWriter(output, layout, shard_size=shard_size, force=force, sync=fsync_output()) as writer:
-            with BackgroundSink(writer) as sink:  # writing overlaps computing the next tensor
-                result = run_method(source, config, method=method, options=options, sink=sink, progress=progress,
-                                    spill_dir=spill_dir)
-            report = output_report(result, base, specialists, output, prefix, writer.files, started, t0,
-                                   timings={"open_seconds": open_seconds}, method=method, seed=config.seed,
-                                   resident_inputs=source.resident, fsync=writer.sync)
-            run_cfg = run_config_dict(base, specialists, output, config, method, options, prefix, shard_size, device,
-                                      allow_safe_globals=allow_safe_globals)
-            if not copy_tokenizer or tokenizer_source is not None:
-                run_cfg["copy_tokenizer"] = copy_tokenizer
-                run_cfg["tokenizer_source"] = None if tokenizer_source is None else recorded_path(tokenizer_source)
-            run_yaml = yaml.safe_dump(run_cfg, sort_keys=False)
-            writer.add_text(CONFIG_FILE, run_yaml)
-            report["model_files"] = add_model_files(writer, base, specialists, layout, method, options, run_yaml,
-                                               prefix=prefix, copy_tokenizer=copy_tokenizer,
-                                               tokenizer_source=tokenizer_source)
-            writer.add_text(REPORT_FILE, json.dumps(report, indent=2, default=str) + "\n")
-            writer.commit()
-    result.report = report
-    return result

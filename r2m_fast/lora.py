@@ -27,7 +27,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from r2m_fast.io import Checkpoint, PickleCheckpoint, SafetensorsCheckpoint, _single_shard
+from r2m_fast.hf import read_json_object, resolve_model
+from r2m_fast.io import Checkpoint, PickleCheckpoint, SafetensorsCheckpoint, _single_shard, open_checkpoint
 from r2m_fast.plan import MergeInputError
 
 PathLike = Union[str, os.PathLike]
@@ -68,8 +69,6 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """adapter_config.json, checked for what this reader supports (MergeInputError naming the key)."""
-    from r2m_fast.hf import read_json_object  # hf dispatches to this module: imported on use
-
     path = folder / ADAPTER_CONFIG
     config = read_json_object(path, "adapter config")
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -129,15 +128,13 @@ class LoraCheckpoint(Checkpoint):
     ``specs`` are the base's (under `prefix` as usual); ``get(name)`` materializes one tensor."""
 
     def __init__(self, folder: PathLike, base: PathLike, prefix: Optional[str] = None):
-        from r2m_fast.hf import open_input
-
         self.path = Path(folder)
         config = read_adapter_config(self.path)
         self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
         self._weights = _open_weights(self.path)
         self.base: Optional[Checkpoint] = None
         try:
-            self.base = open_input(base, prefix)
+            self.base = open_checkpoint(resolve_model(base), prefix)  # a full model (inputs.open_input checks)
             self.specs = dict(self.base.specs)
             file = self._weights.path
             names = {self.base.key(name): name for name in self.specs}  # original key → merge name

@@ -1,6 +1,6 @@
 """Where a merge reads its models from: the LayerSource protocol and the in-memory source.
 
-The file sources (r2m_fast.io.FileSource, over safetensors, pickles and Hugging Face folders) implement
+The file sources (r2m_fast.inputs.FileSource, over safetensors, pickles, Hugging Face folders and LoRA adapters) implement
 the same protocol; the passes (r2m_fast.engine) read only through it.
 """
 

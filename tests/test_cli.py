@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import r2m_fast
 from helpers import merge_flags as flags, wait_until_writing
 from r2m_fast.cli import main
-from r2m_fast.io import SINK_DELAY_ENV
+from r2m_fast.output import SINK_DELAY_ENV
 
 
 REPO = Path(__file__).resolve().parents[1]

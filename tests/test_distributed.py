@@ -27,7 +27,8 @@ import r2m_fast
 from models import model_family
 from r2m_fast.config import R2MConfig
 from r2m_fast.distributed import assign_layers
-from r2m_fast.io import _umask, load_state_dict
+from r2m_fast.io import load_state_dict
+from r2m_fast.output import umask
 from r2m_fast.plan import build_plan
 
 CONFIG = R2MConfig(rank_ratio=0.2, head_prefix="head.", backend="torch", range_finder_precision="fp32")
@@ -138,7 +139,7 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert "model.safetensors.index.json" in files and "merge_report.json" in files and "merge_config.yaml" in files
     assert "README.md" in files  # the model card, as a single-process merge writes it
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")], "temporary folders removed"
 
     errors = [(tmp_path / f"error{rank}.txt").read_text() for rank in range(WORLD)]

@@ -15,7 +15,7 @@ import r2m_fast.baselines as baselines
 from helpers import merge_flags as flags
 from r2m_fast.cli import main
 from r2m_fast.sources import DictSource
-from r2m_fast.io import FileSource
+from r2m_fast.inputs import FileSource
 from r2m_fast.pipeline import RESIDENT_ENV, BackgroundSink, one_thread_per_worker, ordered_map, resident_fits
 
 from models import model_family

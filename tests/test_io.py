@@ -13,10 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import r2m_fast
-from r2m_fast.io import (
-    FileSource, PickleCheckpoint, ShardedSafetensorsWriter, load_state_dict, open_checkpoint, output_layout,
-    parse_size,
-)
+from r2m_fast.inputs import FileSource
+from r2m_fast.io import PickleCheckpoint, load_state_dict, open_checkpoint, parse_size
+from r2m_fast.output import OutputFolder, ShardedSafetensorsWriter, output_layout
 from r2m_fast.plan import MergeInputError
 
 from models import model_family
@@ -221,11 +220,13 @@ def test_no_partial_output_on_error(tmp_path, family):
     source = FailingSource(paths[0], paths[1:])
     layout = output_layout(source.specs(), None)
     with pytest.raises(OSError, match="unplugged"):
-        with ShardedSafetensorsWriter(out, layout, shard_size=1000) as writer:
+        with OutputFolder(out) as folder:
             from r2m_fast.engine import run_merge
 
+            writer = ShardedSafetensorsWriter(folder.path, layout, shard_size=1000, on_error=folder.fail)
             run_merge(source, CONFIG, sink=writer)
-            writer.commit()
+            writer.close()
+            folder.commit()
     assert not out.exists()
     assert os.listdir(tmp_path) == ["in"]  # no temporary folder left either
 
@@ -373,7 +374,7 @@ def test_sigterm_during_merge_files_leaves_nothing(tmp_path, family):
     import sys
     import time
 
-    from r2m_fast.io import SINK_DELAY_ENV
+    from r2m_fast.output import SINK_DELAY_ENV
 
     paths = write_safetensors(tmp_path, family)
     code = (

@@ -16,21 +16,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "r2m_fast"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 
-# Imports inside functions that still close a circle, each with what removes it. Nothing else may:
-# a new function-level import that closes a circle fails test_no_import_circles_even_through_lazy_imports.
-ALLOWED_LAZY_EDGES = {
-    # io.merge_checkpoints is the file-merge driver, not I/O: it leaves io with the one output-folder
-    # transaction (issue 13, item 2), and these edges with it.
-    ("io", "baselines"), ("io", "spill"),
-    # engine.run_merge opens the spill; the one pass driver (issue 13, item 1) takes that over.
-    ("engine", "spill"),
-    # The readers dispatch by input kind (file, folder, hub id, LoRA adapter) in hf.open_input, which
-    # io.FileSource and lora.LoraCheckpoint (for its base) call back: one input-opening module above
-    # io, hf and lora removes both edges (left for the reader layout of issue 13).
-    ("io", "hf"), ("lora", "hf"),
-}
-
-
 def _imports(body: list[ast.stmt], module_level_only: bool) -> set[str]:
     found: set[str] = set()
     for node in body:
@@ -100,11 +85,8 @@ def test_no_import_circles_at_module_level():
 
 
 def test_no_import_circles_even_through_lazy_imports():
-    graph = import_graph(module_level_only=False)
-    for a, b in ALLOWED_LAZY_EDGES:
-        assert b in graph[a], f"{a} → {b} is gone: remove it from ALLOWED_LAZY_EDGES"
-        graph[a].discard(b)
-    assert find_cycle(graph) == []
+    """Imports inside functions close no circle either: the layout is a layering, not a web."""
+    assert find_cycle(import_graph(module_level_only=False)) == []
 
 
 def test_every_module_imports_in_a_fresh_interpreter():

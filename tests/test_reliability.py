@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 import r2m_fast
 from helpers import merge_flags as flags, wait_until_writing
-from r2m_fast import cli, io, safety
+from r2m_fast import cli, io, output, safety
+from r2m_fast import inputs as input_readers
 from r2m_fast.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_cuda_without_gpu_cli_fails_before_any_work(tmp_path, inputs, capsys, mo
     def never(*a, **k):
         raise AssertionError("a checkpoint was opened")
 
-    monkeypatch.setattr(io, "open_checkpoint", never)
+    monkeypatch.setattr(input_readers, "open_checkpoint", never)  # what every reader opens a checkpoint with
     for extra in (["--device", "cuda"], ["--device", "cuda", "--dry-run"], ["--device", "cuda:1", "--method", "ties"]):
         err = _fails(flags(inputs, tmp_path / "out") + extra, capsys, code=2)
         assert "no usable CUDA GPU" in err and "cuda" in err
@@ -354,7 +355,7 @@ def test_sigkill_leftover_is_removed_by_the_next_merge(tmp_path, inputs, family)
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "r2m_fast"] + flags(inputs, out) + ["--shard-size", "1KB"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(**{io.SINK_DELAY_ENV: "0.5"}),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(**{output.SINK_DELAY_ENV: "0.5"}),
     )
     temp = wait_until_writing(proc, tmp_path, timeout=90)
     proc.send_signal(signal.SIGKILL)
@@ -387,7 +388,7 @@ def test_output_that_does_not_fit_is_refused_before_pass_1(tmp_path, inputs, cap
     def never(self, name):
         raise AssertionError("pass 1 started")
 
-    monkeypatch.setattr(io.FileSource, "load", never)
+    monkeypatch.setattr(input_readers.FileSource, "load", never)
     err = _fails(flags(inputs, tmp_path / "out"), capsys, code=1)
     assert f"{tmp_path / 'out'}: not enough disk space in {tmp_path}" in err
     assert "the output needs" in err and "20.0 KB free" in err
@@ -408,7 +409,7 @@ def test_dry_run_reports_and_checks_the_space(tmp_path, inputs, capsys, monkeypa
 
 
 def test_enospc_while_writing_removes_the_partial_output(tmp_path, inputs, capsys, monkeypatch):
-    real = io.write_tensor_data
+    real = output.write_tensor_data
     calls = []
 
     def write(handle, tensor):
@@ -418,7 +419,7 @@ def test_enospc_while_writing_removes_the_partial_output(tmp_path, inputs, capsy
             raise OSError(errno.ENOSPC, "No space left on device")
         real(handle, tensor)
 
-    monkeypatch.setattr(io, "write_tensor_data", write)
+    monkeypatch.setattr(output, "write_tensor_data", write)
     err = _fails(flags(inputs, tmp_path / "out") + ["--shard-size", "1KB"], capsys, code=1)
     assert f"{tmp_path / 'out'}: no space left on the device of {tmp_path}" in err
     assert "the output needs" in err and "free after removing the partial output" in err and ".tmp-" not in err
@@ -520,7 +521,7 @@ def test_ctrl_c_while_torch_loads_exits_130_without_traceback(tmp_path, inputs):
     code = ("import sys\nfrom r2m_fast.cli import main\nprint('torch loaded:', 'torch' in sys.modules, flush=True)\n"
             f"sys.exit(main({[str(a) for a in flags(inputs, tmp_path / 'out')]!r}))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(**{io.SINK_DELAY_ENV: "0.5"}))
+                            env=_env(**{output.SINK_DELAY_ENV: "0.5"}))
     assert proc.stdout.readline().strip() == "torch loaded: False"
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

@@ -33,7 +33,7 @@ from r2m_fast.config import R2MConfig
 from r2m_fast.engine import run_merge, sketch_width
 from r2m_fast.factors import ResidualFactors
 from r2m_fast.sources import DictSource
-from r2m_fast.io import SINK_DELAY_ENV
+from r2m_fast.output import SINK_DELAY_ENV
 from r2m_fast.plan import DECOMPOSED, MergeInputError, build_plan
 from r2m_fast.spill import PREFIX, Spill, release_heap_slack
 
