@@ -96,3 +96,30 @@ def test_every_module_imports_in_a_fresh_interpreter():
     run = subprocess.run([sys.executable, "-c", "; ".join(f"import {n}" for n in names)],
                          capture_output=True, text=True, cwd=PACKAGE.parent)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def _callers(function: str) -> set[str]:
+    """Modules of r2m_fast (and, in engine, the functions) that call `function` by name."""
+    found = set()
+    for name in MODULES:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for outer in ast.walk(tree):
+            if not isinstance(outer, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(outer):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == function:
+                    found.add(f"{name}.{outer.name}")
+    return found
+
+
+def test_the_pass_sequence_is_written_once():
+    """Passes 2 and 3 and the N×N solve are called from engine.run_passes only: a fresh merge, an add,
+    a remove and a distributed merge are variants it takes (a pass 1, an Exchange), not copies."""
+    for step in ("solve_real_subspace", "factor_pass", "accumulate_pass", "residual_norms_from_kept"):
+        assert _callers(step) <= {"engine.run_passes", "engine.residual_norms"}, step
+
+
+def test_one_output_folder_transaction():
+    """Temporary output folders are made, and outputs moved into place, by output.OutputFolder only."""
+    assert _callers("make_temp_dir") == {"output.__enter__", "output.commit"}
+    assert {c.split(".")[0] for c in _callers("OutputFolder")} <= {"file_merge", "distributed"}
