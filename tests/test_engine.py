@@ -100,6 +100,23 @@ def test_truncation_error_within_contract(shape, num_specialists, precision):
     assert ratio(0) > TRUNCATION_ERROR_RATIO
 
 
+@pytest.mark.parametrize("decades", [4, 6])
+def test_one_step_basis_spans_an_ill_conditioned_sketch(decades):
+    """The range finder's intermediate bases take one shifted CholeskyQR step: not orthonormal, but a
+    well-conditioned basis of span(Y) (directions below the shift are damped, not lost), which is all
+    a power iteration needs; the contract test above runs through them."""
+    gen = torch.Generator().manual_seed(3)
+    m, s = 700, 40
+    u = torch.linalg.qr(torch.randn(m, s, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(s, s, generator=gen, dtype=torch.float64))[0]
+    y = ((u * torch.logspace(0, -decades, s, dtype=torch.float64)) @ v.T).float()[None]
+    q = ops_torch.orthonormalize(y, steps=1).double()
+    assert float(torch.linalg.cond(q)) < float(torch.linalg.cond(y.double())) / 1e3
+    span = torch.linalg.qr(q)[0]
+    resid = y.double() - span @ (span.transpose(1, 2) @ y.double())
+    assert torch.linalg.vector_norm(resid) <= SPAN_FULL_RANK_FP32 * torch.linalg.vector_norm(y.double())
+
+
 def test_same_seed_is_bit_identical_and_seed_matters():
     models = model_family(3)
     a = r2m_fast.merge(models[0], models[1:], seed=7)
@@ -217,8 +234,8 @@ def test_tie_between_eigenvalues_warns():
 
 @pytest.mark.parametrize("steps,bound", sorted(ORTHONORMAL_FP32_STEPS.items()))
 def test_orthonormalize_steps_condition_an_ill_conditioned_sketch(steps, bound):
-    """The range finder's intermediate bases take 2 CholeskyQR steps, the final one 3: at cond(Y) = 1e4
-    both are orthonormal bases of span(Y), while one step is not (so the step count is tested)."""
+    """At cond(Y) = 1e4 two and three CholeskyQR steps give orthonormal bases of span(Y), one step does
+    not (so the step count is tested); the range finder's final basis takes 3."""
     gen = torch.Generator().manual_seed(3)
     m, s = 700, 40
     u = torch.linalg.qr(torch.randn(m, s, generator=gen, dtype=torch.float64))[0]
