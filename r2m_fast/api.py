@@ -107,11 +107,30 @@ def merge_files(
     output's filesystem must have room for it, and temporary folders left beside `output` by killed
     merges (their process gone) are removed.
     """
-    from r2m_fast.file_merge import merge_checkpoints
+    from r2m_fast.baselines import method_options, run_method
+    from r2m_fast.file_merge import merge_into_folder
+    from r2m_fast.hf import check_tokenizer_source, model_folder, resolve_model
 
-    return merge_checkpoints(
-        base, specialists, output, config or R2MConfig(), method=method, options=options or {}, prefix=prefix,
-        device=device, shard_size=shard_size, force=force, progress=progress, spill_dir=spill_dir,
-        allow_safe_globals=allow_safe_globals,
-        copy_tokenizer=copy_tokenizer, tokenizer_source=tokenizer_source,
+    config = config or R2MConfig()
+    specialists = list(specialists)  # a generator would be spent by the first look
+    options = dict(options or {})
+    method_options(method, options)
+    device = check_device(device)
+    if copy_tokenizer and tokenizer_source is not None:  # refused before the merge, not after it
+        check_tokenizer_source(resolve_model(tokenizer_source), model_folder(resolve_model(base)), "tokenizer_source")
+    if spill_dir is not None:
+        from r2m_fast.spill import check_spill_dir
+
+        check_spill_dir(spill_dir)  # before anything is read or written
+
+    def run(source, sink, folder) -> MergeResult:
+        return run_method(source, config, method=method, options=options, sink=sink, progress=progress,
+                          spill_dir=spill_dir)
+
+    # R²M reads its inputs three times: keep them mapped when they fit (a baseline reads them once);
+    # a merge told to spill asked for bounded memory, so it streams.
+    return merge_into_folder(
+        base, specialists, output, config, run, method=method, options=options, prefix=prefix, device=device,
+        shard_size=shard_size, force=force, resident=method == "r2m" and spill_dir is None,
+        allow_safe_globals=allow_safe_globals, copy_tokenizer=copy_tokenizer, tokenizer_source=tokenizer_source,
     )

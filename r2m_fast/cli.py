@@ -555,10 +555,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.save_state:
         return _merge_saving_state(args, settings)
-    from r2m_fast.file_merge import merge_checkpoints
+    from r2m_fast.api import merge_files
     from r2m_fast.output import DEFAULT_SHARD_SIZE
 
-    result = merge_checkpoints(
+    result = merge_files(
         settings["base"], settings["specialists"], settings["output"], settings["config"],
         method=settings["method"], options=settings["options"], prefix=settings.get("prefix"),
         device=settings.get("device"), shard_size=settings.get("shard_size") or DEFAULT_SHARD_SIZE,

@@ -134,14 +134,14 @@ def _run_example(
     folder: Path, force: bool, quiet: bool, device: Optional[str], spill_dir: Optional[Union[str, os.PathLike]],
 ) -> "MergeResult":
     from r2m_fast.config import R2MConfig
-    from r2m_fast.file_merge import merge_checkpoints
+    from r2m_fast.api import merge_files
 
     base, specialists = write_example(folder)
     if not quiet:
         print(f"wrote a synthetic ViT ({sum(t.numel() for t in build_models(0)[0].values()) / 1e6:.1f} M parameters) "
               f"and {len(specialists)} specialists under {folder}")
         print(f"merging: r2m-merge {folder / 'merge.yaml'}")
-    return merge_checkpoints(
+    return merge_files(
         base, specialists, folder / "merged", R2MConfig(head_prefix="head."), device=device, force=force,
         progress=not quiet, spill_dir=spill_dir,
     )

@@ -4,7 +4,7 @@
 (r2m_fast.inputs.FileSource), opens the output transaction (r2m_fast.output.OutputFolder, disk space
 checked before anything is read), streams the merge's tensors through a writer thread into the
 shards, adds the index, config, model files and report, and commits. What runs the merge is a
-callable, so R²M, the baselines (:func:`merge_checkpoints`) and the incremental merges that save
+callable, so R²M, the baselines (r2m_fast.api.merge_files) and the incremental merges that save
 their state inside the folder (r2m_fast.incremental) all write through it. The distributed merge
 writes through the same transaction from every rank (r2m_fast.distributed).
 """
@@ -28,7 +28,6 @@ from r2m_fast.output import (
 )
 from r2m_fast.pipeline import BackgroundSink, fsync_output, resident_fits
 from r2m_fast.result import MergeResult
-from r2m_fast.safety import check_device
 
 PathLike = Union[str, "os.PathLike[str]"]
 Sink = Callable[[str, torch.Tensor], None]
@@ -86,49 +85,3 @@ def merge_into_folder(
             )
             folder.commit()
     return result
-
-
-def merge_checkpoints(
-    base: PathLike,
-    specialists: Sequence[PathLike],
-    output: PathLike,
-    config: R2MConfig,
-    *,
-    method: str = "r2m",
-    options: Optional[Mapping[str, Any]] = None,
-    prefix: Optional[str] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
-    force: bool = False,
-    progress: bool = False,
-    spill_dir: Optional[PathLike] = None,
-    allow_safe_globals: bool = False,
-    copy_tokenizer: bool = True,
-    tokenizer_source: Optional[PathLike] = None,
-) -> MergeResult:
-    """Stream a merge (R²M or a baseline) of checkpoints on disk into `output` (see r2m_fast.api.merge_files)."""
-    from r2m_fast.baselines import method_options, run_method
-    from r2m_fast.hf import check_tokenizer_source, model_folder, resolve_model
-
-    specialists = list(specialists)  # a generator would be spent by the first look
-    options = dict(options or {})
-    method_options(method, options)
-    device = check_device(device)
-    if copy_tokenizer and tokenizer_source is not None:  # refused before the merge, not after it
-        check_tokenizer_source(resolve_model(tokenizer_source), model_folder(resolve_model(base)), "tokenizer_source")
-    if spill_dir is not None:
-        from r2m_fast.spill import check_spill_dir
-
-        check_spill_dir(spill_dir)  # before anything is read or written
-
-    def run(source: FileSource, sink: Sink, folder: Path) -> MergeResult:
-        return run_method(source, config, method=method, options=options, sink=sink, progress=progress,
-                          spill_dir=spill_dir)
-
-    # R²M reads its inputs three times: keep them mapped when they fit (a baseline reads them once);
-    # a merge told to spill asked for bounded memory, so it streams.
-    return merge_into_folder(
-        base, specialists, output, config, run, method=method, options=options, prefix=prefix, device=device,
-        shard_size=shard_size, force=force, resident=method == "r2m" and spill_dir is None,
-        allow_safe_globals=allow_safe_globals, copy_tokenizer=copy_tokenizer, tokenizer_source=tokenizer_source,
-    )
