@@ -128,12 +128,7 @@ class Comm:
 
     def share_grams(self, state: MergeState, local: MergeState, N: int) -> None:
         merged = [layer.name for layer in state.plan if layer.merged]
-        grams = torch.zeros(len(merged), N, N, dtype=torch.float64)
-        for i, name in enumerate(merged):
-            if name in local.grams:
-                grams[i] = local.grams[name]
-        grams = self.sum(grams)
-        state.grams = {name: grams[i] for i, name in enumerate(merged)}
+        state.grams = self._sum_by_name(merged, local.grams, (N, N))
 
     def solve(self, fn: Callable[[], RealSubspace]) -> RealSubspace:
         # Rank 0 alone: one answer even across unlike CPUs.
@@ -141,12 +136,18 @@ class Comm:
 
     def share_kept(self, plan: Sequence[LayerPlan], kept: Mapping[str, torch.Tensor], N: int) -> Mapping[str, torch.Tensor]:
         truncated = [layer.name for layer in plan if layer.rank is not None and layer.kind == DECOMPOSED]
-        table = torch.zeros(len(truncated), N, dtype=torch.float64)
-        for i, name in enumerate(truncated):
-            if name in kept:
-                table[i] = kept[name]
+        return self._sum_by_name(truncated, kept, (N,))
+
+    def _sum_by_name(self, names: Sequence[str], mine: Mapping[str, torch.Tensor],
+                     shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Every rank's fp64 values of `names` (each held by one rank: `mine` has this rank's), in one
+        exact all-reduce."""
+        table = torch.zeros(len(names), *shape, dtype=torch.float64)
+        for i, name in enumerate(names):
+            if name in mine:
+                table[i] = mine[name]
         table = self.sum(table)
-        return {name: table[i] for i, name in enumerate(truncated)}
+        return {name: table[i] for i, name in enumerate(names)}
 
     def finish_report(self, report: dict, local: MergeState, seconds: Mapping[str, float], start: float) -> None:
         mine = {

@@ -63,7 +63,12 @@ class MergeState:
     spill: Optional[Spill] = None
 
     def __post_init__(self) -> None:
-        if self.spill is not None and not self.sketches:
+        self.use_spill(self.spill)
+
+    def use_spill(self, spill: Optional[Spill]) -> None:
+        """Keep the between-pass tensors in `spill` (None: memory); the sketches go there from now on."""
+        self.spill = spill
+        if spill is not None and not self.sketches:
             self.sketches = self.new_store("sketches")
 
     def new_store(self, kind: str) -> MutableMapping:
@@ -465,9 +470,7 @@ class LocalExchange:
         return fn()
 
     def local_state(self, state: MergeState, spill: Optional[Spill]) -> MergeState:
-        if spill is not None:
-            state.spill = spill
-            state.sketches = spill.store("sketches")
+        state.use_spill(spill)
         return state
 
     def share_grams(self, state: MergeState, local: MergeState, N: int) -> None:
