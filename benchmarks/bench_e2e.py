@@ -16,7 +16,7 @@ high-water mark (which Linux carries over exec from the forking process) is not 
 Runs alternate between providers round by round; the report gives medians, ratios to
 mergekit ``linear``, r2m-merge's per-pass seconds (from the merge_report.json it writes) and two
 floors: (a) reading every input once and writing the output once with safetensors.torch
-load_file/save_file, (b) R²M's GEMM flops at the rate a torch.mm probe measures here.
+load_file/save_file, (b) R²M's GEMM flops at the faster of the rates torch.bmm and numpy.matmul reach here.
 ``--load K`` keeps K competing CPU-bound processes running during the timed runs.
 """
 
@@ -157,24 +157,30 @@ def child_floor_io(folder: Path, output: Path) -> None:
 
 
 def child_gemm_probe(model: str, threads: int) -> None:
-    """fp32 GEMM rate at R²M's pass-2 shapes: (N·m, n) × (n, s), best of a few."""
+    """fp32 GEMM rate at R²M's pass-2 shapes, (N·m, n) × (n, s), best of a few, of torch's BLAS and of
+    numpy's (the OpenBLAS r2m_fast.cpu_blas multiplies with on AMD CPUs); the floor takes the faster."""
+    import numpy
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
     _, h, inter, _, _ = MODELS[model]
     s = int(0.1 * h) + 10
-    rates = []
-    for m, n in ((inter, h), (h, inter)):
-        a = torch.randn(N_SPECIALISTS, m, n)
-        b = torch.randn(N_SPECIALISTS, n, s)
-        torch.bmm(a, b)
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            torch.bmm(a, b)
-            best = min(best, time.perf_counter() - t)
-        rates.append(2 * N_SPECIALISTS * m * n * s / best)
-    print(json.dumps({"gflops": statistics.mean(rates) / 1e9}))
+    rates: dict[str, list[float]] = {"torch": [], "numpy": []}
+    with threadpool_limits(threads, user_api="blas"):
+        for m, n in ((inter, h), (h, inter)):
+            a = torch.randn(N_SPECIALISTS, m, n)
+            b = torch.randn(N_SPECIALISTS, n, s)
+            for name, product in (("torch", lambda: torch.bmm(a, b)), ("numpy", lambda: numpy.matmul(a.numpy(), b.numpy()))):
+                product()
+                best = float("inf")
+                for _ in range(3):
+                    t = time.perf_counter()
+                    product()
+                    best = min(best, time.perf_counter() - t)
+                rates[name].append(2 * N_SPECIALISTS * m * n * s / best)
+    mean = {name: statistics.mean(r) / 1e9 for name, r in rates.items()}
+    print(json.dumps({"gflops": max(mean.values()), **{f"gflops_{name}": v for name, v in mean.items()}}))
 
 
 def r2m_flops(model: str) -> float:
@@ -351,11 +357,12 @@ def main(argv=None) -> int:
                 print(f"round {rnd + 1} {provider:<26} {r['seconds']:7.2f} s  {r['peak_rss_mb']:7.0f} MB"
                       + (f"  passes {json.dumps({k: round(v, 2) for k, v in r['pass_seconds'].items()})}"
                          if r.get("pass_seconds") else ""), flush=True)
-        gemm = None
+        gemm, gemm_rates = None, {}
         if not args.no_floors:
             threads = os.cpu_count() or 1
             g = subprocess.run(child_cmd("gemm", args.model, str(threads)), capture_output=True, text=True, env=env)
-            gemm = json.loads(g.stdout.strip().splitlines()[-1])["gflops"] if g.returncode == 0 else None
+            gemm_rates = json.loads(g.stdout.strip().splitlines()[-1]) if g.returncode == 0 else {}
+            gemm = gemm_rates.get("gflops")
     finally:
         for proc in loaders:
             proc.kill()
@@ -390,6 +397,7 @@ def main(argv=None) -> int:
             "io_seconds_median": io_s,
             "io_peak_rss_mb": median([r["peak_rss_mb"] for r in floors["io"]]),
             "gemm_gflops": gemm,
+            "gemm_gflops_by_blas": {k[len("gflops_"):]: v for k, v in gemm_rates.items() if k.startswith("gflops_")},
             "r2m_gflop": flops / 1e9,
             "r2m_flops_seconds": flops / (gemm * 1e9) if gemm else None,
         },
@@ -422,7 +430,8 @@ def to_markdown(result: dict) -> str:
     if f["io_seconds_median"] is not None:
         lines += ["", f"Floors: read once + write once (safetensors load_file/save_file, fresh process) "
                   f"{f['io_seconds_median']:.2f} s, {f['io_peak_rss_mb']:.0f} MB; R²M GEMMs "
-                  f"{f['r2m_gflop']:.0f} GFLOP at {f['gemm_gflops']:.0f} GFLOP/s (torch.bmm probe) = "
+                  f"{f['r2m_gflop']:.0f} GFLOP at {f['gemm_gflops']:.0f} GFLOP/s (the faster of torch.bmm and numpy.matmul "
+                  f"probes: {', '.join(f'{k} {v:.0f}' for k, v in f.get('gemm_gflops_by_blas', {}).items())}) = "
                   f"{f['r2m_flops_seconds']:.2f} s."]
     return "\n".join(lines) + "\n"
 

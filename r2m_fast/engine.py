@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, P
 
 import torch
 
+from r2m_fast import cpu_blas
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.factors import RealSubspace, ResidualFactors
@@ -261,13 +262,14 @@ def factorize_residuals(
         p = ops.orthonormalize(each(q.to(fast_dtype), True), steps=1)
         q = ops.orthonormalize(each(p.to(fast_dtype), False), steps=3 if i == power_iters - 1 else 1)
     bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
-    small = torch.matmul(bt.transpose(1, 2).double(), bt.double())  # Bᵢ Bᵢᵀ
+    bt64 = bt.double()
+    small = cpu_blas.matmul(bt64.transpose(1, 2), bt64)  # Bᵢ Bᵢᵀ (one buffer: a syrk where the BLAS has one)
     evals, evecs = batched_eigh(small)  # CUDA: one cuSOLVER call for the whole batch; CPU: torch.linalg.eigh
     evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
     sigma = evals.clamp_min(0.0).sqrt()
-    left = torch.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
+    left = cpu_blas.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
     inv_sigma = torch.where(sigma > 0, 1.0 / torch.where(sigma > 0, sigma, 1.0), 0.0)
-    right = torch.matmul(bt, (evecs * inv_sigma[:, None, :]).to(bt.dtype))
+    right = cpu_blas.matmul(bt, (evecs * inv_sigma[:, None, :]).to(bt.dtype))
     kept_sq = (sigma**2).sum(-1).cpu()
     return [
         ResidualFactors(l_, r_, k_)

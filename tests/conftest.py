@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from models import model_family
+from r2m_fast import cpu_blas
 
 # Triton's @jit reads TRITON_INTERPRET when kernels are decorated, so a run that wants the
 # interpreter must set it in the environment before pytest starts (see scripts/test.sh).
@@ -33,6 +34,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["torch", "openblas"])
+def cpu_blas_choice(request, monkeypatch):
+    """Each BLAS the CPU path can multiply with (r2m_fast.cpu_blas), whichever this machine picks."""
+    if request.param == "openblas" and cpu_blas._numpy_openblas() is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS here")
+    monkeypatch.setenv(cpu_blas.CPU_BLAS_ENV, request.param)
+    cpu_blas.cpu_blas.cache_clear()
+    yield request.param
+    cpu_blas.cpu_blas.cache_clear()  # the next test picks again, under the environment it restores
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from r2m_fast.reference import r2m_merge
 from tolerances import (
     GAPPED_DELTA_TOL, GAPPED_WEIGHTS_RTOL, IDENTICAL_RESIDUAL_NORM_ABS, IDENTICAL_SPECIALISTS, KEPT_SQ_RTOL, MEAN_FP32,
     MEAN_FP64_OUT, NO_GAP_TOL, ORDER_INVARIANCE_BF16_DELTA, ORDER_INVARIANCE_FP32, ORTHONORMAL_FP32_STEPS, REPORT_RTOL,
-    SPAN_FULL_RANK_FP32, TRUNCATION_ERROR_RATIO,
+    SPAN_FULL_RANK_FP32, TASK_GRAM_RTOL, TRUNCATION_ERROR_RATIO,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -46,7 +46,7 @@ def test_gapped_spectrum_matches_reference_tightly(device, precision, num_specia
 @pytest.mark.parametrize("device", test_devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("num_specialists", [2, 3, 8])
-def test_fast_matches_reference_on_realistic_models(device, dtype, num_specialists):
+def test_fast_matches_reference_on_realistic_models(device, dtype, num_specialists, cpu_blas_choice):
     if dtype == torch.bfloat16 and device == "cpu" and num_specialists == 8:
         pytest.skip("covered by N=2,3 on CPU; keeps the suite short")
     models = model_family(num_specialists, dtype, seed=num_specialists, device=device)
@@ -74,7 +74,7 @@ def test_fast_matches_reference_on_realistic_models(device, dtype, num_specialis
 @pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape", [(256, 96), (96, 300), (300, 200)])
 @pytest.mark.parametrize("num_specialists", [3, 8])
-def test_truncation_error_within_contract(shape, num_specialists, precision):
+def test_truncation_error_within_contract(shape, num_specialists, precision, cpu_blas_choice):
     """‖F − F̃_fast‖ ≤ 1.05·‖F − F̃_opt‖ per residual with the default power iterations (DESIGN §4)."""
     weights = layer_family(num_specialists, shape, seed=sum(shape) + num_specialists)
     m, n = shape
@@ -117,7 +117,7 @@ def test_one_step_basis_spans_an_ill_conditioned_sketch(decades):
     assert torch.linalg.vector_norm(resid) <= SPAN_FULL_RANK_FP32 * torch.linalg.vector_norm(y.double())
 
 
-def test_same_seed_is_bit_identical_and_seed_matters():
+def test_same_seed_is_bit_identical_and_seed_matters(cpu_blas_choice):
     models = model_family(3)
     a = r2m_fast.merge(models[0], models[1:], seed=7)
     b = r2m_fast.merge(models[0], models[1:], seed=7)
@@ -247,3 +247,13 @@ def test_orthonormalize_steps_condition_an_ill_conditioned_sketch(steps, bound):
         assert ((q.transpose(1, 2) @ q - eye).abs().max() < bound) == want_ok, k
     resid = y - q @ (q.transpose(1, 2) @ y)
     assert torch.linalg.vector_norm(resid) <= SPAN_FULL_RANK_FP32 * torch.linalg.vector_norm(y)
+
+
+def test_task_gram_blocks_are_summed_in_fp64():
+    """The Gram of K ≫ GRAM_BLOCK columns (ragged last block) to fp32 rounding of each block, not of K."""
+    k = 5 * ops_torch.GRAM_BLOCK + 17
+    rows = torch.randn(3, k, generator=torch.Generator().manual_seed(5)) + 0.5  # a mean: large dot products
+    want = rows.double() @ rows.double().T
+    got = ops_torch.task_gram(rows)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=TASK_GRAM_RTOL, atol=0)

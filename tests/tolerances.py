@@ -33,6 +33,10 @@ REPORT_RTOL = 1e-5
 BACKEND_REPORT_RTOL = 1e-4
 # DESIGN §4's contract per truncated residual: ‖f − f̃_fast‖_F ≤ this × ‖f − f̃_opt‖_F.
 TRUNCATION_ERROR_RATIO = 1.05
+# One fp32 product (inner dimension ≤ 70) of either CPU BLAS against fp64, relative to its largest entry.
+MATMUL_FP32_RTOL = 1e-5
+# task_gram (fp32 blocks of 32768 columns, summed in fp64) against the fp64 Gram.
+TASK_GRAM_RTOL = 1e-6
 # The factorization's kept σ² against ‖L Rᵀ‖_F² recomputed in fp64.
 KEPT_SQ_RTOL = 1e-4
 # The specialists given in reverse order (fp32 range finder): sums in another order only.
