@@ -23,6 +23,8 @@ from r2m_fast import cpu_blas
 Weights = Sequence[torch.Tensor]
 
 _scratch = threading.local()
+# A request for fewer elements than this is served from a larger held buffer, however large.
+SCRATCH_KEEP_BELOW = 1 << 20
 
 
 def scratch(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -30,8 +32,11 @@ def scratch(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.de
 
     Every fresh large CPU tensor is memory the kernel must fault in and zero, which costs more than
     the arithmetic done in it (~1 s per GB on a VM); layers of one shape come in runs, so the buffer
-    of the previous layer usually fits. The caller must be done with it before asking for `key`
-    again. On CUDA the caching allocator already does this."""
+    of the previous layer usually fits. A buffer over 4× the request is replaced (after the
+    embeddings, say, it would hold their size for the rest of the merge), unless the request is
+    small (SCRATCH_KEEP_BELOW): a norm's (1, 2048) between two MLP matrices would otherwise cost a
+    fresh buffer for the next matrix, 0.15 s of faults at 2048 × 5632, N = 3. The caller must be
+    done with it before asking for `key` again. On CUDA the caching allocator already does this."""
     shape = tuple(shape)
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
@@ -40,7 +45,7 @@ def scratch(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.de
         held = _scratch.buffers = {}
     numel = math.prod(shape)
     buf = held.get((key, dtype))
-    if buf is None or buf.numel() < numel or buf.numel() > 4 * numel:
+    if buf is None or buf.numel() < numel or (buf.numel() > 4 * numel and numel >= SCRATCH_KEEP_BELOW):
         buf = held[(key, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
@@ -50,18 +55,40 @@ def release_scratch() -> None:
     _scratch.buffers = {}
 
 
-def _as_f32(w: torch.Tensor, key: str) -> torch.Tensor:
-    if w.dtype == torch.float32:
-        return w
-    return scratch(key, w.shape, torch.float32, w.device).copy_(w)
+# Elements per row block of the CPU's elementwise work (~1 MB fp32 per buffer): the N+2 buffers a
+# block touches stay in cache while every step of it runs, so each input is read from memory once
+# (the whole-matrix steps read and wrote each τⱼ four times; 2× slower at 2048 × 5632, N = 3).
+ROW_BLOCK_ELEMENTS = 1 << 18
 
 
-def task_vectors(weights: Weights) -> torch.Tensor:
-    """τ as one fp32 tensor of shape (N, m, n), in a scratch buffer on CPU (valid until the next call)."""
-    base = _as_f32(weights[0], "base")
-    tau = scratch("tau", (len(weights) - 1, *base.shape), torch.float32, base.device)
-    for out, w in zip(tau, weights[1:]):
-        fp32_difference(out, w, base)
+def row_blocks(shape: Sequence[int], device: torch.device) -> list[slice]:
+    """Row ranges of an (m, n) matrix, each of about ROW_BLOCK_ELEMENTS; one range off the CPU (a GPU
+    wants one large kernel per step, not many small ones)."""
+    m, n = shape
+    step = m if device.type != "cpu" else max(1, ROW_BLOCK_ELEMENTS // max(n, 1))
+    return [slice(r, min(m, r + step)) for r in range(0, m, max(step, 1))]
+
+
+def task_vectors(
+    weights: Weights, each_block: Optional[Callable[[slice, torch.Tensor], None]] = None
+) -> torch.Tensor:
+    """τ as one fp32 tensor of shape (N, m, n), in a scratch buffer on CPU (valid until the next call).
+
+    Formed one row block at a time (row_blocks); ``each_block(rows, τ[:, rows])`` runs on each block
+    as soon as it is formed, while it is in cache."""
+    m, n = weights[0].shape
+    device = weights[0].device
+    tau = scratch("tau", (len(weights) - 1, m, n), torch.float32, device)
+    blocks = row_blocks((m, n), device)
+    base_rows = None if weights[0].dtype == torch.float32 or not blocks else scratch(
+        "tau_base", (blocks[0].stop, n), torch.float32, device)
+    for rows in blocks:
+        base = weights[0][rows] if base_rows is None else base_rows[: rows.stop - rows.start].copy_(weights[0][rows])
+        block = tau[:, rows]
+        for out, w in zip(block, weights[1:]):
+            fp32_difference(out, w[rows], base)
+        if each_block is not None:
+            each_block(rows, block)
     return tau
 
 
@@ -87,9 +114,13 @@ def gram_sketch(
         gram: (N, N) float64, Gᵢⱼ = ⟨τᵢ, τⱼ⟩ over all m·n elements.
         sketch: (N, m, s) float32, Zⱼ = τⱼ Ω, or None when omega is None.
     """
-    tau = task_vectors(weights)
-    flat = tau.reshape(tau.shape[0], -1)
-    gram = task_gram(flat)
+    N = len(weights) - 1
+    gram = torch.zeros(N, N, dtype=torch.float64, device=weights[0].device)
+
+    def add_gram(rows: slice, block: torch.Tensor) -> None:
+        gram.add_(task_gram(block.reshape(N, -1)))
+
+    tau = task_vectors(weights, add_gram)
     sketch = None if omega is None else cpu_blas.matmul(tau.to(omega.dtype), omega).float()
     return gram, sketch
 
@@ -138,8 +169,13 @@ def residual_operator(
 ) -> Callable[[torch.Tensor, bool], torch.Tensor]:
     """residual_matmul with the layer's residuals formed once, (N, m, n) fp32, for the 2q+1
     products of one layer's range finder (the engine uses this when a backend offers it)."""
-    tau = task_vectors(weights)
-    residuals = {torch.float32: tau.sub_(combination(tau, core_coeffs, "core"))}
+    blocks = row_blocks(weights[0].shape, weights[0].device)
+    core = None if not blocks else scratch("core", (blocks[0].stop, weights[0].shape[1]), torch.float32, weights[0].device)
+
+    def subtract_core(rows: slice, block: torch.Tensor) -> None:
+        block.sub_(combination(block, core_coeffs, core[: rows.stop - rows.start]))
+
+    residuals = {torch.float32: task_vectors(weights, subtract_core)}
 
     def matmul(rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
         if rhs.dtype not in residuals:
@@ -154,12 +190,12 @@ def residual_operator(
     return matmul
 
 
-def combination(tau: torch.Tensor, coeffs: torch.Tensor, key: str) -> torch.Tensor:
-    """Σⱼ cⱼ τⱼ of tau (N, m, n) fp32, in a scratch buffer on CPU. One scaled add per τⱼ: the einsum
-    of it is a BLAS gemv, 2.5× slower on these long rows."""
-    if tau.device.type != "cpu":  # one kernel, and no host read of coeffs (that would sync the stream)
+def combination(tau: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Σⱼ cⱼ τⱼ of tau (N, m, n) fp32: into `out` (m, n) on CPU, by one scaled add per τⱼ (the einsum
+    of it is a BLAS gemv there, 2.5× slower on these long rows); elsewhere one einsum kernel (and no
+    host read of coeffs, which would synchronize the stream)."""
+    if tau.device.type != "cpu":
         return torch.einsum("j,jmn->mn", coeffs.to(tau), tau)
-    out = scratch(key, tau.shape[1:], torch.float32, tau.device)
     first, *rest = coeffs.tolist()
     torch.mul(tau[0], first, out=out)
     for c, t in zip(rest, tau[1:]):
@@ -246,19 +282,26 @@ def accumulate(
     Returns:
         (m, n) tensor of out_dtype on the weights' device.
     """
-    base = _as_f32(weights[0], "base")
+    (m, n), device = weights[0].shape, weights[0].device
     if out_dtype == torch.float32:
-        out = base.clone()  # the result leaves (to the writer): fresh memory, not scratch
+        out = torch.empty(m, n, device=device)  # the result leaves (to the writer): fresh memory, not scratch
     else:  # only the cast below leaves: the fp32 sum can be scratch (fresh memory costs a fault per page)
-        out = scratch("acc_out", base.shape, torch.float32, base.device).copy_(base)
-    tau = scratch("acc_tau", base.shape, torch.float32, base.device)
-    for a, w in zip(coeffs.tolist(), weights[1:]):
-        if a != 0.0:
-            out.add_(fp32_difference(tau, w, base), alpha=a)
+        out = scratch("acc_out", (m, n), torch.float32, device)
+    terms = [(a, w) for a, w in zip(coeffs.tolist(), weights[1:]) if a != 0.0]
+    blocks = row_blocks((m, n), device)
+    height = blocks[0].stop if blocks else 0
+    base_rows = None if weights[0].dtype == torch.float32 else scratch("acc_base", (height, n), torch.float32, device)
+    tau = scratch("acc_tau", (height, n), torch.float32, device)
+    for rows in blocks:  # θ₀ + Σⱼ aⱼ τⱼ block by block, each block's inputs read once
+        k = rows.stop - rows.start
+        base = weights[0][rows] if base_rows is None else base_rows[:k].copy_(weights[0][rows])
+        block = out[rows].copy_(base)
+        for a, w in terms:
+            block.add_(fp32_difference(tau[:k], w[rows], base), alpha=a)
     if left is not None:
         if cpu_blas.takes(left.float(), right.float()):
             # numpy's matmul has no accumulate-into form: the product goes to a reused buffer first.
-            product = scratch("acc_lr", base.shape, torch.float32, base.device)
+            product = scratch("acc_lr", (m, n), torch.float32, device)
             out.add_(cpu_blas.matmul(left.float(), right.float().T, out=product))
         else:
             out.addmm_(left.float(), right.float().T)

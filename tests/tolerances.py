@@ -35,6 +35,9 @@ BACKEND_REPORT_RTOL = 1e-4
 TRUNCATION_ERROR_RATIO = 1.05
 # One fp32 product (inner dimension ≤ 70) of either CPU BLAS against fp64, relative to its largest entry.
 MATMUL_FP32_RTOL = 1e-5
+# The torch backend's ops (fp32 arithmetic, rounded to the output dtype) against fp64 formulas,
+# relative to the largest entry; the expected value is rounded to the output dtype first.
+OPS_TORCH_RTOL = 1e-5
 # task_gram (fp32 blocks of 32768 columns, summed in fp64) against the fp64 Gram.
 TASK_GRAM_RTOL = 1e-6
 # The factorization's kept σ² against ‖L Rᵀ‖_F² recomputed in fp64.
