@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 import signal
 import sys
@@ -517,7 +518,24 @@ def _main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    _import_torch()
     return run_command(parser.prog, lambda: run(args), debug=args.debug)
+
+
+def _import_torch() -> None:
+    """Import torch with the cyclic garbage collector off, then freeze what the import made: its ~10⁵
+    objects live as long as the process, and every collection during the import and the merge
+    would walk them again (0.2 s of the 3.3 s a torch import takes here, median of 8; with the merge,
+    5.7 s instead of 6.5 s for a 168 M `--method average`). A process that has torch already (a
+    test, a notebook calling main) is left as it is: there, freezing would keep its garbage for good."""
+    if "torch" in sys.modules:
+        return
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _run(args: argparse.Namespace) -> int:

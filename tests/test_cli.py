@@ -238,3 +238,20 @@ def test_interrupt_leaves_no_output(tmp_path, inputs, sig, code):
     assert "no partial output was left" in err and "Traceback" not in err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in inputs]
+
+
+def test_torch_is_imported_with_the_collector_off_then_frozen():
+    """r2m-merge imports torch before a merge with gc off, then freezes what the import made (later
+    collections skip it); the collector must be back on afterwards. In a fresh process: where torch
+    is already imported (this one), nothing is frozen."""
+    import gc
+
+    from r2m_fast import cli
+
+    frozen = gc.get_freeze_count()
+    cli._import_torch()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    probe = ("import gc, sys; from r2m_fast import cli; assert 'torch' not in sys.modules; cli._import_torch(); "
+             "print(gc.isenabled(), gc.get_freeze_count() > 1000, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.split() == ["True", "True", "True"]
