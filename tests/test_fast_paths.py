@@ -26,13 +26,14 @@ from test_baselines import average_ref, task_arithmetic_ref, ties_ref
 def small_chunks(request, monkeypatch):
     """Chunks of 7 elements: every tensor spans many chunks, most ragged, over 1 or 2 workers."""
     monkeypatch.setattr(baselines, "CHUNK", 7)
+    monkeypatch.setattr(baselines, "LINEAR_CHUNK", 5)
     previous = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("method,ref,options", [
     ("average", average_ref, {}),
     ("task_arithmetic", task_arithmetic_ref, {"scaling": 0.3}),
