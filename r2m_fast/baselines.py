@@ -335,7 +335,8 @@ def _linear_cpu(name: str, tensors: list[torch.Tensor], labels: Any, scale: floa
         acc += base
         if out_array is not None:
             merged = out_array[start:stop]
-            numpy.copyto(merged, acc, casting="same_kind")
+            with numpy.errstate(over="ignore"):  # an overflow is named below (_not_finite), not warned
+                numpy.copyto(merged, acc, casting="same_kind")
             return bool(numpy.isfinite(merged).all())
         merged = out[start:stop].copy_(torch.from_numpy(acc))
         return bool(torch.isfinite(merged).all())

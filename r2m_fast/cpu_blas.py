@@ -1,8 +1,8 @@
 """The BLAS behind the CPU path's large products (the sketch, the range finder, L·Rᵀ).
 
 torch's CPU wheels multiply with MKL, whose sgemm runs its generic AVX2 code on AMD CPUs: on a
-Zen 3 core it reached 38–54 GFLOP/s on R²M's shapes (m×n by n×214, single-threaded) where the
-OpenBLAS that numpy ships reached 59–68 (benchmarks/results/cpu_blas_2026-12-01.md). So on AMD
+Zen 3 core it reached 35–53 GFLOP/s on R²M's shapes (m×n by n×214, single-threaded) where the
+OpenBLAS that numpy ships reached 58–70 (benchmarks/results/cpu_blas_2026-12-01.md). So on AMD
 (and Hygon) CPUs, when numpy's BLAS is OpenBLAS, these products go through numpy, on the same
 memory (no copies); elsewhere they stay with torch. The choice depends only on the machine, never
 on a timing, so one machine always gives the same merge (DESIGN §4); R2M_CPU_BLAS=torch|openblas
