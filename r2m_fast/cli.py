@@ -396,7 +396,8 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
         passes = 1
     # Peak RSS: this process now (torch and all), the mapped inputs (all N+1 models when R²M keeps
     # them resident, else the last few layers, of which the largest two count), the largest layer's
-    # work buffers (fp32: τ, the base, L·Rᵀ, the sum) and up to three merged tensors in flight to the writer thread.
+    # work buffers (fp32: τ, the base, L·Rᵀ, the sum) and up to three merged tensors in flight to
+    # the writer thread.
     inputs_bytes = (N + 1) * model_bytes
     resident_inputs = method == "r2m" and not settings.get("spill_dir") and resident_fits(inputs_bytes)
     numel_max = max((math.prod(s) for s, d in specs.values() if d.is_floating_point), default=0)
@@ -405,7 +406,7 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
     layer_in = max((math.prod(s) * d.itemsize * (N + 1) for s, d in specs.values()), default=0)
     mapped = inputs_bytes if resident_inputs else 2 * layer_in
     if method == "r2m":
-        work = 4 * numel_max * (N + 3) + 3 * numel_max * max(out_size, 4)  # N+3: τ, base, L·Rᵀ, the sum
+        work = 4 * numel_max * (N + 3) + 3 * numel_max * max(out_size, 4)
     else:
         work = 3 * numel_max * out_size
         if method == "ties":
