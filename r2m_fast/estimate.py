@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 
 from r2m_fast import cpu_blas
-from r2m_fast.pipeline import proc_kib_field
+from r2m_fast.pipeline import cpu_workers, one_thread_per_worker, ordered_map, proc_kib_field
 
-PROBE_ELEMENTS = 1 << 20
+PROBE_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -95,34 +95,53 @@ def probe_write(folder: Path, sync: bool, nbytes: int = 32 * 2**20) -> float:
 
 
 def probe_gemm(device: torch.device, width: int = 1024, cols: int = 112, batch: int = 3) -> float:
-    """fp32 GEMM rate with the BLAS the merge multiplies with (r2m_fast.cpu_blas on CPU)."""
+    """fp32 GEMM rate as the merge multiplies: with its BLAS (r2m_fast.cpu_blas) and, on a CPU, one
+    product per layer worker at a time, each single-threaded (see r2m_fast.pipeline.cpu_workers)."""
+    workers = cpu_workers(device)
     a = torch.randn(batch, 2 * width, width, device=device)
     b = torch.randn(batch, width, cols, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cpu_blas.matmul(a, b)
-    sync()
+
+    def products() -> None:
+        list(ordered_map(lambda: cpu_blas.matmul(a, b), [()] * workers, workers))
+        sync()
+
+    best = math.inf
+    with one_thread_per_worker(workers):
+        products()
+        for _ in range(3):
+            t = time.perf_counter()
+            products()
+            best = min(best, time.perf_counter() - t)
+    return workers * 2 * batch * 2 * width * width * cols / best
+
+
+def probe_elements(method: str, N: int, dtype: torch.dtype = torch.float32) -> float:
+    """Seconds per element (of one tensor) of the method's elementwise work over N+1 inputs of
+    `dtype` (the models' own: a bf16 element costs less to read and convert than an fp32 one), best
+    of two; for R²M the average stands in for one pass's task-vector and combination work."""
+    from r2m_fast.baselines import TiesOptions, _linear_cpu, _ties_cpu
+
+    tensors = [torch.randn(PROBE_ELEMENTS).to(dtype) for _ in range(N + 1)]
+    labels = ["probe"] * (N + 1)
+    run = (lambda: _ties_cpu("probe", tensors, labels, TiesOptions(), dtype)) if method == "ties" else (
+        lambda: _linear_cpu("probe", tensors, labels, 1.0, True, dtype))
+    run()
     best = math.inf
     for _ in range(2):
         t = time.perf_counter()
-        cpu_blas.matmul(a, b)
-        sync()
+        run()
         best = min(best, time.perf_counter() - t)
-    return 2 * batch * 2 * width * width * cols / best
+    return best / PROBE_ELEMENTS
 
 
-def probe_elements(method: str, N: int) -> float:
-    """Seconds per element (of one tensor) of the method's elementwise work over N+1 inputs; for R²M
-    the average stands in for one pass's task-vector and combination work."""
-    from r2m_fast.baselines import TiesOptions, _linear_cpu, _ties_cpu
-
-    tensors = [torch.randn(PROBE_ELEMENTS) for _ in range(N + 1)]
-    labels = ["probe"] * (N + 1)
-    run = (lambda: _ties_cpu("probe", tensors, labels, TiesOptions(), torch.float32)) if method == "ties" else (
-        lambda: _linear_cpu("probe", tensors, labels, 1.0, True, torch.float32))
-    run()
-    t = time.perf_counter()
-    run()
-    return (time.perf_counter() - t) / PROBE_ELEMENTS
+def main_dtype(specs) -> torch.dtype:
+    """The floating dtype that holds most of a model's elements (fp32 for a model without one)."""
+    counts: dict[torch.dtype, int] = {}
+    for shape, dtype in specs.values():
+        if dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def calibrate(source, method: str, N: int, output: Optional[str]) -> Rates:
@@ -135,7 +154,7 @@ def calibrate(source, method: str, N: int, output: Optional[str]) -> Rates:
         read_bytes_per_s=probe_read(source),
         write_bytes_per_s=probe_write(out_parent, fsync_output()),
         gemm_flops=probe_gemm(source.device),
-        element_seconds=probe_elements(method, N),
+        element_seconds=probe_elements(method, N, main_dtype(source.specs())),
         startup_seconds=startup,
         baseline_rss=rss,
     )

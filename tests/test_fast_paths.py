@@ -143,6 +143,23 @@ def test_dry_run_gives_measured_sane_estimates(tmp_path, inputs, capsys, method)
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_probes_the_models_dtype_as_the_merge_runs(monkeypatch):
+    """The elementwise probe runs on the dtype holding most of the model (a bf16 model's elements are
+    cheaper to read), and the GEMM probe one product per layer worker, as pass 2 does."""
+    from r2m_fast import estimate
+
+    specs = {"a": ((4, 1000), torch.bfloat16), "b": ((10,), torch.float32), "c": ((7,), torch.int64)}
+    assert estimate.main_dtype(specs) == torch.bfloat16
+    assert estimate.main_dtype({"c": ((7,), torch.int64)}) == torch.float32
+    seen = []
+    real = baselines._linear_cpu
+    monkeypatch.setattr(estimate, "PROBE_ELEMENTS", 4096)
+    monkeypatch.setattr(baselines, "_linear_cpu", lambda name, tensors, *a: seen.append(tensors[0].dtype) or real(name, tensors, *a))
+    assert estimate.probe_elements("average", 3, torch.bfloat16) > 0
+    assert set(seen) == {torch.bfloat16}
+    assert estimate.probe_gemm(torch.device("cpu"), width=64, cols=8) > 0
+
+
 def test_workers_build_no_autograd_graph():
     """Grad mode is per thread: inputs that require grad must not make the workers record a graph."""
     models = model_family(3, with_buffer=False)
