@@ -598,4 +598,5 @@ def merge_report(
         "seed": config.seed,
         "pass_seconds": dict(seconds),
         "small_eigh": small_eigh_method(device),  # pass 2's s×s solver: "cusolver_batched" or the torch fallback and why
+        "cpu_blas": cpu_blas.cpu_blas() if device.type == "cpu" else None,  # which BLAS multiplied (r2m_fast.cpu_blas)
     }

@@ -219,6 +219,7 @@ def test_report_fields():
         assert key in report
     assert len(report["residual_norms"]) == 3
     assert report["power_iters"] == DEFAULT_POWER_ITERS
+    assert report["cpu_blas"] in ("torch", "openblas")
 
 
 def test_tie_between_eigenvalues_warns():
