@@ -69,6 +69,22 @@ def row_blocks(shape: Sequence[int], device: torch.device) -> list[slice]:
     return [slice(r, min(m, r + step)) for r in range(0, m, max(step, 1))]
 
 
+def block_scratch(key: str, blocks: Sequence[slice], n: int, device: torch.device) -> torch.Tensor:
+    """A scratch fp32 buffer of one row block's shape (the first block is the tallest), for work done a
+    block at a time."""
+    return scratch(key, (blocks[0].stop if blocks else 0, n), torch.float32, device)
+
+
+def base_rows_buffer(key: str, base: torch.Tensor, blocks: Sequence[slice]) -> Optional[torch.Tensor]:
+    """Where fp32_rows converts a block of a non-fp32 θ₀; None for an fp32 θ₀ (its rows serve as they are)."""
+    return None if base.dtype == torch.float32 else block_scratch(key, blocks, base.shape[1], base.device)
+
+
+def fp32_rows(w: torch.Tensor, rows: slice, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+    """w[rows] in fp32: the rows themselves when `buffer` is None (w is fp32), else converted into it."""
+    return w[rows] if buffer is None else buffer[: rows.stop - rows.start].copy_(w[rows])
+
+
 def task_vectors(
     weights: Weights, each_block: Optional[Callable[[slice, torch.Tensor], None]] = None
 ) -> torch.Tensor:
@@ -80,10 +96,9 @@ def task_vectors(
     device = weights[0].device
     tau = scratch("tau", (len(weights) - 1, m, n), torch.float32, device)
     blocks = row_blocks((m, n), device)
-    base_rows = None if weights[0].dtype == torch.float32 or not blocks else scratch(
-        "tau_base", (blocks[0].stop, n), torch.float32, device)
+    base_rows = base_rows_buffer("tau_base", weights[0], blocks)
     for rows in blocks:
-        base = weights[0][rows] if base_rows is None else base_rows[: rows.stop - rows.start].copy_(weights[0][rows])
+        base = fp32_rows(weights[0], rows, base_rows)
         block = tau[:, rows]
         for out, w in zip(block, weights[1:]):
             fp32_difference(out, w[rows], base)
@@ -170,7 +185,7 @@ def residual_operator(
     """residual_matmul with the layer's residuals formed once, (N, m, n) fp32, for the 2q+1
     products of one layer's range finder (the engine uses this when a backend offers it)."""
     blocks = row_blocks(weights[0].shape, weights[0].device)
-    core = None if not blocks else scratch("core", (blocks[0].stop, weights[0].shape[1]), torch.float32, weights[0].device)
+    core = block_scratch("core", blocks, weights[0].shape[1], weights[0].device)
 
     def subtract_core(rows: slice, block: torch.Tensor) -> None:
         block.sub_(combination(block, core_coeffs, core[: rows.stop - rows.start]))
@@ -289,20 +304,20 @@ def accumulate(
         out = scratch("acc_out", (m, n), torch.float32, device)
     terms = [(a, w) for a, w in zip(coeffs.tolist(), weights[1:]) if a != 0.0]
     blocks = row_blocks((m, n), device)
-    height = blocks[0].stop if blocks else 0
-    base_rows = None if weights[0].dtype == torch.float32 else scratch("acc_base", (height, n), torch.float32, device)
-    tau = scratch("acc_tau", (height, n), torch.float32, device)
+    base_rows = base_rows_buffer("acc_base", weights[0], blocks)
+    tau = block_scratch("acc_tau", blocks, n, device)
     for rows in blocks:  # θ₀ + Σⱼ aⱼ τⱼ block by block, each block's inputs read once
         k = rows.stop - rows.start
-        base = weights[0][rows] if base_rows is None else base_rows[:k].copy_(weights[0][rows])
+        base = fp32_rows(weights[0], rows, base_rows)
         block = out[rows].copy_(base)
         for a, w in terms:
             block.add_(fp32_difference(tau[:k], w[rows], base), alpha=a)
     if left is not None:
-        if cpu_blas.takes(left.float(), right.float()):
+        left, right = left.float(), right.float()
+        if cpu_blas.takes(left, right):
             # numpy's matmul has no accumulate-into form: the product goes to a reused buffer first.
             product = scratch("acc_lr", (m, n), torch.float32, device)
-            out.add_(cpu_blas.matmul(left.float(), right.float().T, out=product))
+            out.add_(cpu_blas.matmul(left, right.T, out=product))
         else:
-            out.addmm_(left.float(), right.float().T)
+            out.addmm_(left, right.T)
     return out.to(out_dtype)
