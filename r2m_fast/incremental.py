@@ -172,7 +172,7 @@ def _remove_pass(state: IncrementalState, index: int, source: LayerSource, merge
                  config: R2MConfig, ops: Any, progress: bool) -> None:
     """Pass 1 of a remove (with `state` and `index` bound, engine.run_passes' first_pass) reads no
     model: drop row and column `index` of each Gram and model `index`'s sketches."""
-    keep = [j for j in range(state.num_specialists) if j != index]
+    keep = state.all_but(index)
     for name, gram in state.grams.items():
         merge_state.grams[name] = gram[keep][:, keep].contiguous()
     for name in state.sketch_names:
@@ -313,7 +313,7 @@ def _run_remove(source: LayerSource, state: IncrementalState, index: int, config
     backend = resolve_backend(config.backend, source.device)
     start = time.perf_counter()
     merge_state = _check_source(source, state, config, backend)
-    keep = [j for j in range(state.num_specialists) if j != index]
+    keep = state.all_but(index)
     merged = {layer.name for layer in merge_state.plan if layer.merged}
     diag = {name: torch.diagonal(g)[keep].clone() for name, g in state.grams.items()}
     verifying = _VerifyingSource(source, merged, diag)

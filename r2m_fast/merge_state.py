@@ -134,6 +134,10 @@ class IncrementalState:
             return self._sketches[name][models]
         return torch.stack([self._reader(name, j) for j in models])
 
+    def all_but(self, index: int) -> list[int]:
+        """The specialists a remove of `index` keeps, in order."""
+        return [j for j in range(self.num_specialists) if j != index]
+
     @property
     def sketch_names(self) -> list[str]:
         plan = new_plan(self.specs, self.config)
