@@ -182,11 +182,16 @@ SIDE_FILES_BYTES_PER_TENSOR = 256
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """Three significant figures ("1.02 GB", "21.0 MB", "512 KB"): one decimal of a GB hid the
+    difference between the process now and the dry run's peak on a small merge."""
+    if n < 999.5:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
         n /= 1000
-    return f"{n:.1f} TB"
+        if n < 999.5 or unit == "TB":
+            break
+    decimals = 2 if n < 9.995 else 1 if n < 99.95 else 0
+    return f"{n:.{decimals}f} {unit}"
 
 
 def free_bytes(folder: Union[str, os.PathLike]) -> Optional[int]:

@@ -347,7 +347,7 @@ def test_next_merge_removes_temp_folders_of_dead_merges(tmp_path, inputs, caplog
     assert not dead.exists() and not dead_old.exists()
     assert live.exists() and other_host.exists() and legacy.exists() and other_output.exists()
     text = caplog.text
-    assert f"removed {dead}" in text and "5.0 KB" in text and f"removed {dead_old}" in text
+    assert f"removed {dead}" in text and "5.00 KB" in text and f"removed {dead_old}" in text
     assert str(live) in text and str(other_host) in text and str(legacy) in text and str(other_output) not in text
 
 
