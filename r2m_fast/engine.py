@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Optional, P
 
 import torch
 
-from r2m_fast import cpu_blas
+from r2m_fast import cpu_blas, ops_torch
 from r2m_fast.backends import Backend, resolve_backend
 from r2m_fast.config import R2MConfig
 from r2m_fast.factors import RealSubspace, ResidualFactors
@@ -118,6 +118,22 @@ def sketch_matrix(layer: LayerPlan, config: R2MConfig, device: torch.device, dty
     return omega.to(dtype)
 
 
+def costliest_first(layers: Sequence[LayerPlan], oversample: int, workers: int) -> list[LayerPlan]:
+    """The order layer workers take `layers` in passes 1 and 2, whose results are kept by name.
+
+    In plan order the embeddings and the LM head (5–6× an MLP matrix at 1 B) came first and last:
+    the first held the in-order window while the other worker ran dry, the last ran alone at the end
+    of the pass. Costliest first (by m·n·s, stable) leaves small layers for the end (longest
+    processing time first). One worker keeps plan order: the files are read front to back."""
+    if workers <= 1:
+        return list(layers)
+
+    def cost(layer: LayerPlan) -> int:
+        return math.prod(layer.matrix) * (sketch_width(layer, oversample) if layer.rank is not None else 1)
+
+    return sorted(layers, key=cost, reverse=True)
+
+
 def _matrices(tensors: Sequence[torch.Tensor], layer: LayerPlan) -> list[torch.Tensor]:
     return [t.reshape(layer.matrix) for t in tensors]
 
@@ -139,25 +155,29 @@ def gram_pass(
     searched to name the culprit. The Grams stay on the device until the pass ends (one transfer).
     """
     layers = [layer for layer in state.plan if layer.merged]
-    grams = []
+    grams: dict[str, torch.Tensor] = {}
+
+    slot = ops_torch.layer_slot()
 
     def one(layer: LayerPlan, weights: list[torch.Tensor]):
         omega = (
             sketch_matrix(layer, config, source.device, state.range_finder_dtype) if layer.rank is not None else None
         )
-        gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
+        with slot():
+            gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
         return gram.detach().to(torch.float64), sketch
 
     workers = cpu_workers(source.device)
+    order = costliest_first(layers, config.oversample, workers)
     with one_thread_per_worker(workers):
-        results = ordered_map(one, ((layer, source.load(layer.name)) for layer in layers), workers)
-        for layer, (gram, sketch) in zip(_progress(layers, "pass 1/3: Grams and sketches", progress), results):
-            grams.append(gram)
+        results = ordered_map(one, ((layer, source.load(layer.name)) for layer in order), workers)
+        for layer, (gram, sketch) in zip(_progress(order, "pass 1/3: Grams and sketches", progress), results):
+            grams[layer.name] = gram
             if sketch is not None:
                 state.sketches[layer.name] = sketch
     if not grams:
         return
-    stacked = torch.stack(grams).cpu()
+    stacked = torch.stack([grams[layer.name] for layer in layers]).cpu()
     finite = torch.isfinite(stacked).flatten(1).all(1)
     for layer, gram, ok in zip(layers, stacked, finite.tolist()):
         if not ok:
@@ -294,7 +314,7 @@ def factor_pass(
             groups.setdefault((layer.matrix, layer.rank), []).append(layer)
         batches = list(groups.values())
     else:
-        batches = [[layer] for layer in layers]
+        batches = [[layer] for layer in costliest_first(layers, config.oversample, cpu_workers(source.device))]
     factors = state.new_store("factors")
     # Every layer's w in one host→device copy: a blocking copy to CUDA synchronizes the stream, so one
     # per layer would drain the GPU's queue once per layer (the values are the same either way).
@@ -302,7 +322,13 @@ def factor_pass(
     all_w = torch.stack([real.coeffs[layer.name] for layer in layers]).to(source.device, torch.float32) if layers else None
     bar = _progress(layers, "pass 2/3: residual factors", progress)
 
+    slot = ops_torch.layer_slot()
+
     def one(batch: list[LayerPlan], loaded: list[list[torch.Tensor]], sketches: list[torch.Tensor]):
+        with slot():
+            return factor(batch, loaded, sketches)
+
+    def factor(batch: list[LayerPlan], loaded: list[list[torch.Tensor]], sketches: list[torch.Tensor]):
         matmuls, coeffs = [], []
         for layer, tensors in zip(batch, loaded):
             weights = _matrices(tensors, layer)
@@ -398,7 +424,13 @@ def accumulate_pass(
     # triton queues an asynchronous copy), so the pass does not drain the GPU's queue once per layer.
     device_scales = scales.to(device=source.device, dtype=torch.float32)
 
+    slot = ops_torch.layer_slot()
+
     def one(layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors]) -> torch.Tensor:
+        with slot():
+            return merge_layer(layer, tensors, f)
+
+    def merge_layer(layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors]) -> torch.Tensor:
         if layer.kind == COPY:
             return tensors[0].clone()
         left = right = None
@@ -528,29 +560,33 @@ def run_passes(
     with exchange.run(lambda: open_spill(spill_dir, source.device)) as spill:
         local = exchange.local_state(state, spill)
 
-        t = time.perf_counter()
-        exchange.run(lambda: first_pass(source, local, config, ops, show))
-        exchange.share_grams(state, local, N)
-        if after_first_pass is not None:
-            after_first_pass(state)
-        real = exchange.solve(lambda: solve_real_subspace(state, config, N))
-        sync()
-        seconds["grams_and_solve"] = time.perf_counter() - t
+        # Work buffers stay from layer to layer and from pass 1 to pass 2 (the τ buffers), then go;
+        # pass 3 keeps its own (ops_torch.scratch_pool).
+        with ops_torch.scratch_pool():
+            t = time.perf_counter()
+            exchange.run(lambda: first_pass(source, local, config, ops, show))
+            exchange.share_grams(state, local, N)
+            if after_first_pass is not None:
+                after_first_pass(state)
+            real = exchange.solve(lambda: solve_real_subspace(state, config, N))
+            sync()
+            seconds["grams_and_solve"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        factors = exchange.run(lambda: factor_pass(source, local, real, config, ops, show))
-        local.sketches.clear()  # sketches are only the range finder's start
-        kept = exchange.share_kept(state.plan, kept_squares(factors), N)
-        norms = residual_norms_from_kept(state, real, kept, N)
-        eta = config.alpha * real.core_norm
-        scales = residual_scales(norms, eta, config.residual_scale)
-        sync()
-        seconds["factors"] = time.perf_counter() - t
+            t = time.perf_counter()
+            factors = exchange.run(lambda: factor_pass(source, local, real, config, ops, show))
+            local.sketches.clear()  # sketches are only the range finder's start
+            kept = exchange.share_kept(state.plan, kept_squares(factors), N)
+            norms = residual_norms_from_kept(state, real, kept, N)
+            eta = config.alpha * real.core_norm
+            scales = residual_scales(norms, eta, config.residual_scale)
+            sync()
+            seconds["factors"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        exchange.run(lambda: accumulate_pass(source, local, real, factors, scales, config, ops, sink, show))
-        sync()
-        seconds["accumulate"] = time.perf_counter() - t
+        with ops_torch.scratch_pool():
+            t = time.perf_counter()
+            exchange.run(lambda: accumulate_pass(source, local, real, factors, scales, config, ops, sink, show))
+            sync()
+            seconds["accumulate"] = time.perf_counter() - t
 
         report = merge_report(state, real, norms, eta, config, backend, source.device, seconds)
         exchange.finish_report(report, local, seconds, start)

@@ -12,9 +12,13 @@ raw θ in reduced precision would cancel it away).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import threading
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 
@@ -28,15 +32,16 @@ SCRATCH_KEEP_BELOW = 1 << 20
 
 
 def scratch(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread work buffer reused from layer to layer (CPU only; contents undefined).
+    """A work buffer reused from layer to layer (CPU only; contents undefined).
 
     Every fresh large CPU tensor is memory the kernel must fault in and zero, which costs more than
-    the arithmetic done in it (~1 s per GB on a VM); layers of one shape come in runs, so the buffer
-    of the previous layer usually fits. A buffer over 4× the request is replaced (after the
-    embeddings, say, it would hold their size for the rest of the merge), unless the request is
-    small (SCRATCH_KEEP_BELOW): a norm's (1, 2048) between two MLP matrices would otherwise cost a
-    fresh buffer for the next matrix, 0.15 s of faults at 2048 × 5632, N = 3. The caller must be
-    done with it before asking for `key` again. On CUDA the caching allocator already does this."""
+    the arithmetic done in it (~1 s per GB on a VM). Inside a merge (``scratch_pool``) the buffers
+    belong to the layer's slot and only grow: the pool frees them when the merge is done with them.
+    Outside one they belong to the calling thread, and a buffer over 4× the request is replaced (after
+    the embeddings, say, it would hold their size for the thread's life), unless the request is small
+    (SCRATCH_KEEP_BELOW: a norm's (1, 2048) between two MLP matrices would otherwise cost a fresh
+    buffer for the next matrix). The caller must be done with it before asking for `key` again. On
+    CUDA the caching allocator already does this."""
     shape = tuple(shape)
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
@@ -45,14 +50,62 @@ def scratch(key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.de
         held = _scratch.buffers = {}
     numel = math.prod(shape)
     buf = held.get((key, dtype))
-    if buf is None or buf.numel() < numel or (buf.numel() > 4 * numel and numel >= SCRATCH_KEEP_BELOW):
+    shrink = not getattr(_scratch, "in_pool", False) and numel >= SCRATCH_KEEP_BELOW
+    if buf is None or buf.numel() < numel or (shrink and buf.numel() > 4 * numel):
         buf = held[(key, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
 def release_scratch() -> None:
-    """Free this thread's work buffers (at the end of a merge)."""
+    """Free this thread's work buffers (those outside a scratch_pool)."""
     _scratch.buffers = {}
+
+
+class ScratchPool:
+    """Work buffers that outlive a pass's worker threads: each layer takes a free slot (a set of
+    buffers) for its ops and gives it back, so the slots, as many as layers ever ran at once, keep
+    the largest buffers of the layers they ran. Thread-local buffers died with each pass's workers,
+    and the shrink rule dropped them after the embeddings: at 1 B bf16 the τ buffers alone were
+    faulted in eight times (3.7 GB, ~0.9 M page faults) where two allocations serve."""
+
+    def __init__(self) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Run one layer's ops on this thread with buffers no other running layer holds."""
+        try:
+            buffers = self._free.get_nowait()
+        except queue.Empty:
+            buffers = {}
+        outer = getattr(_scratch, "buffers", None), getattr(_scratch, "in_pool", False)
+        _scratch.buffers, _scratch.in_pool = buffers, True
+        try:
+            yield
+        finally:
+            _scratch.buffers, _scratch.in_pool = outer
+            self._free.put(buffers)
+
+
+_active_pool: ContextVar[Optional[ScratchPool]] = ContextVar("r2m_scratch_pool", default=None)
+
+
+@contextmanager
+def scratch_pool() -> Iterator[ScratchPool]:
+    """Keep the work buffers of the layers run inside the block (layer_slot) until it ends."""
+    token = _active_pool.set(ScratchPool())
+    try:
+        yield _active_pool.get()
+    finally:
+        _active_pool.reset(token)
+
+
+def layer_slot() -> Callable[[], ContextManager[None]]:
+    """The slot context of one layer, to enter on whichever thread runs it: the active scratch_pool's,
+    or none (thread-local buffers). Call it on the thread that opened the pool: workers do not see
+    its context."""
+    pool = _active_pool.get()
+    return pool.slot if pool is not None else contextlib.nullcontext
 
 
 # Elements per row block of the CPU's elementwise work (~1 MB fp32 per buffer): the N+2 buffers a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 from torch import nn
@@ -11,7 +12,8 @@ from helpers import DTYPE_IDS, layer_family, relative_error, test_devices
 from models import SHAPES, gapped_family, model_family
 from r2m_fast import ops_torch
 from r2m_fast.config import DEFAULT_POWER_ITERS, R2MConfig
-from r2m_fast.engine import factorize_residuals
+from r2m_fast.engine import costliest_first, factorize_residuals, sketch_width
+from r2m_fast.plan import build_plan
 from r2m_fast.reference import r2m_merge
 from tolerances import (
     GAPPED_DELTA_TOL, GAPPED_WEIGHTS_RTOL, IDENTICAL_RESIDUAL_NORM_ABS, IDENTICAL_SPECIALISTS, KEPT_SQ_RTOL, MEAN_FP32,
@@ -124,6 +126,33 @@ def test_same_seed_is_bit_identical_and_seed_matters(cpu_blas_choice):
     c = r2m_fast.merge(models[0], models[1:], seed=8)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert any(not torch.equal(a.state_dict[k], c.state_dict[k]) for k in a.state_dict)
+
+
+def test_layer_order_of_the_workers_does_not_change_a_bit():
+    """Two layer workers take the costliest layers first, one takes plan order: each layer's sketch,
+    factors and output depend on its name and inputs only, so the merges are the same bits."""
+    models = model_family(3)
+    previous = torch.get_num_threads()
+    merged = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            merged[threads] = r2m_fast.merge(models[0], models[1:], rank_ratio=0.3).state_dict
+    finally:
+        torch.set_num_threads(previous)
+    assert merged[1].keys() == merged[2].keys()
+    assert all(torch.equal(merged[1][k], merged[2][k]) for k in merged[1])
+
+
+def test_costliest_layers_go_first_to_several_workers():
+    plan = build_plan({name: (shape, torch.float32) for name, shape in SHAPES.items()}, R2MConfig(rank_ratio=0.3))
+    merged = [layer for layer in plan if layer.merged]
+    assert costliest_first(merged, 10, workers=1) == merged
+    order = costliest_first(merged, 10, workers=2)
+    costs = [math.prod(layer.matrix) * (sketch_width(layer, 10) if layer.rank else 1) for layer in order]
+    assert sorted(order, key=lambda layer: layer.name) == sorted(merged, key=lambda layer: layer.name)
+    assert costs == sorted(costs, reverse=True) and order != merged
+    assert order[0].name == "blocks.0.mlp.fc1.weight"  # 97 × 24 at s = 17, before qkv's 72 × 24
 
 
 def test_order_of_specialists_does_not_matter():

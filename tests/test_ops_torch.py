@@ -102,3 +102,36 @@ def test_scratch_keeps_a_large_buffer_for_small_requests():
     assert ops_torch.scratch("t", (2, k), torch.float32, cpu).data_ptr() == big.data_ptr()  # 4×: kept
     assert ops_torch.scratch("t", (k,), torch.float32, cpu).data_ptr() != big.data_ptr()  # 8× a large one: replaced
     ops_torch.release_scratch()
+
+
+def test_scratch_pool_slots_outlive_threads_and_only_grow():
+    """A pass's workers are new threads: inside a scratch_pool a later layer, on another thread, gets
+    the buffer an earlier one left (even after a much larger one: no shrinking within a merge); two
+    layers running at once never share one; the buffers go with the pool."""
+    import threading
+
+    cpu, k = torch.device("cpu"), ops_torch.SCRATCH_KEEP_BELOW
+    ops_torch.release_scratch()
+    outside = ops_torch.scratch("t", (k,), torch.float32, cpu)
+    seen = {}
+
+    def layer(label, rows, slot):
+        with slot():
+            seen[label] = ops_torch.scratch("t", (rows, k), torch.float32, cpu).data_ptr()
+
+    with ops_torch.scratch_pool():
+        slot = ops_torch.layer_slot()
+        for label, rows in (("big", 8), ("small", 1)):  # one after the other, each on a new thread
+            thread = threading.Thread(target=layer, args=(label, rows, slot))
+            thread.start()
+            thread.join()
+        assert seen["small"] == seen["big"]
+        with slot():  # two layers at once: two slots
+            first = ops_torch.scratch("t", (1, k), torch.float32, cpu).data_ptr()
+            thread = threading.Thread(target=layer, args=("concurrent", 1, slot))
+            thread.start()
+            thread.join()
+        assert first == seen["big"] and seen["concurrent"] != first
+    assert ops_torch.layer_slot()().__enter__() is None  # no pool: a no-op context, thread-local buffers
+    assert ops_torch.scratch("t", (k,), torch.float32, cpu).data_ptr() == outside.data_ptr()
+    ops_torch.release_scratch()
