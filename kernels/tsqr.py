@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from r2m_fast.kernels.utils import cdiv, check_device, check_tensor, device_guard, dot_block, interpreting
-from r2m_fast.ops_torch import _inverse_cholesky_factor
+from r2m_fast.ops_torch import inverse_cholesky_factor
 
 
 @triton.jit
@@ -144,5 +144,5 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
         return q.clone()
     with device_guard(q):
         for _ in range(steps):
-            q = _apply(q, _inverse_cholesky_factor(_gram(q)).contiguous())
+            q = _apply(q, inverse_cholesky_factor(_gram(q)).contiguous())
     return q

@@ -277,19 +277,27 @@ def factorize_residuals(
     # direction above the shift and only damps those below it; the basis Bᵢ is formed on gets 3.
     # A second step did not move the truncation error of any contract case (q = 1 and 2, fp32 and
     # bf16: worst ratio 1.0237 either way) and cost 2 of the 7 steps; with none, bf16 missed it (1.067).
-    q = ops.orthonormalize(y, steps=1 if power_iters else 3)
+    # The final basis gets CholeskyQR3, its third step applied on the s × s side: after two steps
+    # q₂ is orthonormal to ~1e-5..1e-2, so Q = q₂R⁻¹ (Rᵀ R = q₂ᵀq₂ + shift, cond(R) ≈ 1) needs no
+    # product of its own: Bᵀ = FᵀQ = (Fᵀq₂)R⁻¹ and BBᵀ = R⁻ᵀ(q₂ᵀF Fᵀq₂)R⁻¹, and R⁻¹ folds into the s × r
+    # matrices that form L and R below (one m × s × s product fewer per residual).
+    q = ops.orthonormalize(y, steps=1 if power_iters else 2)
     for i in range(power_iters):
         p = ops.orthonormalize(each(q.to(fast_dtype), True), steps=1)
-        q = ops.orthonormalize(each(p.to(fast_dtype), False), steps=3 if i == power_iters - 1 else 1)
-    bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ Qᵢ = Bᵢᵀ
+        q = ops.orthonormalize(each(p.to(fast_dtype), False), steps=2 if i == power_iters - 1 else 1)
+    r_inv = ops_torch.inverse_cholesky_factor(cpu_blas.matmul(q.transpose(1, 2), q)).double()
+    bt = each(q, True)  # (L·N, n, s) = Fᵢᵀ q₂ᵢ = Bᵢᵀ Rᵢ
     bt64 = bt.double()
-    small = cpu_blas.matmul(bt64.transpose(1, 2), bt64)  # Bᵢ Bᵢᵀ (one buffer: a syrk where the BLAS has one)
+    gram = cpu_blas.matmul(bt64.transpose(1, 2), bt64)  # one buffer: a syrk where the BLAS has one
+    small = r_inv.transpose(1, 2) @ gram @ r_inv  # Bᵢ Bᵢᵀ
+    small = (small + small.transpose(1, 2)) / 2
     evals, evecs = batched_eigh(small)  # CUDA: one cuSOLVER call for the whole batch; CPU: torch.linalg.eigh
     evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
     sigma = evals.clamp_min(0.0).sqrt()
-    left = cpu_blas.matmul(q, evecs.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
+    to_left = r_inv @ evecs  # q₂ → the left singular vectors: Uᵢ = q₂ᵢ R⁻¹ Vᵢ
+    left = cpu_blas.matmul(q, to_left.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
     inv_sigma = torch.where(sigma > 0, 1.0 / torch.where(sigma > 0, sigma, 1.0), 0.0)
-    right = cpu_blas.matmul(bt, (evecs * inv_sigma[:, None, :]).to(bt.dtype))
+    right = cpu_blas.matmul(bt, (to_left * inv_sigma[:, None, :]).to(bt.dtype))
     kept_sq = (sigma**2).sum(-1).cpu()
     return [
         ResidualFactors(l_, r_, k_)

@@ -289,7 +289,8 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
         steps: CholeskyQR steps. 3 give orthonormality to fp32 rounding up to cond(y) ~ 1e7;
             2 leave ‖QᵀQ − I‖ ≈ 3e-5 at cond(y) = 1e4 and 0.15 at 1e6 (measured, m = 3072,
             s = 86), enough for a power iteration's intermediate basis, which only has to span
-            the sketch's subspace stably: the final basis gets 3.
+            the sketch's subspace stably: the final basis gets 2, and its third step is applied
+            on the s × s side (engine.factorize_residuals).
 
     Returns:
         (B, m, s) fp32 with orthonormal columns wherever y has full column rank; a rank-deficient
@@ -299,7 +300,7 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
     q = y.float()
     for _ in range(steps):
         gram = cpu_blas.matmul(q.transpose(1, 2), q)
-        q = cpu_blas.matmul(q, _inverse_cholesky_factor(gram))
+        q = cpu_blas.matmul(q, inverse_cholesky_factor(gram))
     return q
 
 
@@ -310,7 +311,7 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
 ZERO_GRAM = 2.0**-100
 
 
-def _inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
+def inverse_cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
     """R⁻¹ with Rᵀ R = gram + δ·I, δ = 1e-6 · max diag; 0 for an item whose max diag < ZERO_GRAM.
 
     The Cholesky runs on the Gram scaled by a power of two 4ᵉ that brings its largest diagonal

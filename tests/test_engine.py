@@ -17,7 +17,7 @@ from r2m_fast.plan import build_plan
 from r2m_fast.reference import r2m_merge
 from tolerances import (
     GAPPED_DELTA_TOL, GAPPED_WEIGHTS_RTOL, IDENTICAL_RESIDUAL_NORM_ABS, IDENTICAL_SPECIALISTS, KEPT_SQ_RTOL, MEAN_FP32,
-    MEAN_FP64_OUT, NO_GAP_TOL, ORDER_INVARIANCE_BF16_DELTA, ORDER_INVARIANCE_FP32, ORTHONORMAL_FP32_STEPS, REPORT_RTOL,
+    MEAN_FP64_OUT, NO_GAP_TOL, ORDER_INVARIANCE_BF16_DELTA, ORDER_INVARIANCE_FP32, ORTHONORMAL_FP32, ORTHONORMAL_FP32_STEPS, REPORT_RTOL,
     SPAN_FULL_RANK_FP32, TASK_GRAM_RTOL, TRUNCATION_ERROR_RATIO,
 )
 
@@ -265,7 +265,8 @@ def test_tie_between_eigenvalues_warns():
 @pytest.mark.parametrize("steps,bound", sorted(ORTHONORMAL_FP32_STEPS.items()))
 def test_orthonormalize_steps_condition_an_ill_conditioned_sketch(steps, bound):
     """At cond(Y) = 1e4 two and three CholeskyQR steps give orthonormal bases of span(Y), one step does
-    not (so the step count is tested); the range finder's final basis takes 3."""
+    not (so the step count is tested); the range finder's final basis takes 2 and folds a third
+    into its s × s matrices (test_final_basis_third_step_is_folded_in)."""
     gen = torch.Generator().manual_seed(3)
     m, s = 700, 40
     u = torch.linalg.qr(torch.randn(m, s, generator=gen, dtype=torch.float64))[0]
@@ -277,6 +278,31 @@ def test_orthonormalize_steps_condition_an_ill_conditioned_sketch(steps, bound):
         assert ((q.transpose(1, 2) @ q - eye).abs().max() < bound) == want_ok, k
     resid = y - q @ (q.transpose(1, 2) @ y)
     assert torch.linalg.vector_norm(resid) <= SPAN_FULL_RANK_FP32 * torch.linalg.vector_norm(y)
+
+
+def test_final_basis_third_step_is_folded_in():
+    """The left singular vectors come out orthonormal to fp32 rounding, and the singular values right,
+    on a residual whose top s singular values span 4 decades, where the two explicit CholeskyQR steps
+    alone leave the basis off by 5e-3 (the third, its R⁻¹ folded into the s × s matrices, mends it:
+    1.3e-7, as the explicit third step did)."""
+    gen = torch.Generator().manual_seed(11)
+    m, n, s, rank = 400, 300, 30, 20
+    u = torch.linalg.qr(torch.randn(m, s, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, s, generator=gen, dtype=torch.float64))[0]
+    spectrum = torch.logspace(0, -4, s, dtype=torch.float64)
+    residual = ((u * spectrum) @ v.T).float()
+    weights = [torch.zeros(m, n), residual]  # N = 1, w = 0: the residual is τ₁ itself
+    w = torch.zeros(1)
+    sketch = (residual @ torch.randn(n, s, generator=gen))[None]
+    two_steps = ops_torch.orthonormalize(residual[None] @ torch.randn(n, s, generator=gen)[None], steps=2)
+    eye = torch.eye(s)
+    assert (two_steps.transpose(1, 2) @ two_steps - eye).abs().max() > 1e-3
+    f = factorize_residuals(ops_torch, [ops_torch.residual_operator(weights, w)], [w], [sketch], rank, 1)[0]
+    left = f.left[0].double()
+    norms = left.norm(dim=0)
+    unit = left / norms
+    assert (unit.T @ unit - torch.eye(rank, dtype=torch.float64)).abs().max() < ORTHONORMAL_FP32 / 10
+    torch.testing.assert_close(norms, spectrum[:rank], rtol=ORTHONORMAL_FP32, atol=0)
 
 
 def test_task_gram_blocks_are_summed_in_fp64():
