@@ -43,12 +43,17 @@ def cases(size: str):
         lambda a=left.numpy(), b=right.numpy(): numpy.matmul(a, b.T))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None, doc: str) -> argparse.Namespace:
+    """--rounds, --quick and --out, the options of the single-threaded BLAS benchmarks."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small shapes (the CI smoke run)")
     parser.add_argument("--out", help="write the Markdown table here too")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv, __doc__)
     torch.set_num_threads(1)
     rows = []
     with threadpool_limits(1, user_api="blas"):
@@ -63,23 +68,34 @@ def main(argv: list[str] | None = None) -> None:
             rates = {label: flops / statistics.median(ts) / 1e9 for label, ts in times.items()}
             rows.append((name, rates["torch"], rates["numpy"]))
             print(f"{name:<36} torch {rates['torch']:6.1f}  numpy {rates['numpy']:6.1f} GFLOP/s", flush=True)
+    write_report(
+        f"CPU BLAS: torch (MKL) against numpy (OpenBLAS), one thread, {args.rounds} alternating rounds",
+        f"python benchmarks/bench_cpu_blas.py --rounds {args.rounds}",
+        ["product", "torch GFLOP/s", "numpy GFLOP/s", "numpy / torch"],
+        [(name, f"{t:.1f}", f"{n:.1f}", f"{n / t:.2f}") for name, t, n in rows],
+        args.out,
+    )
+
+
+def write_report(title: str, command: str, columns: list[str], rows: list[tuple[str, ...]], out: str | None) -> None:
+    """Print a Markdown table of `rows` under its title, the command, the date, the CPU and the versions;
+    write it to `out` too when given."""
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     lines = [
-        f"# CPU BLAS: torch (MKL) against numpy (OpenBLAS), one thread, {args.rounds} alternating rounds",
+        f"# {title}",
         "",
-        f"`python benchmarks/bench_cpu_blas.py --rounds {args.rounds}` — {datetime.date.today()}, {model}, "
+        f"`{command}` — {datetime.date.today()}, {model}, "
         f"torch {torch.__version__}, numpy {numpy.__version__}, {platform.python_version()}",
         "",
-        "| product | torch GFLOP/s | numpy GFLOP/s | numpy / torch |",
-        "|---|---:|---:|---:|",
-    ] + [f"| {name} | {t:.1f} | {n:.1f} | {n / t:.2f} |" for name, t, n in rows]
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
+    ] + ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text)
-
 
 if __name__ == "__main__":
     main()

@@ -298,9 +298,11 @@ def orthonormalize(y: torch.Tensor, steps: int = 3) -> torch.Tensor:
         never NaN, with or without subnormals flushed.
     """
     q = y.float()
+    if steps and q is y:
+        q = q.clone()  # the products below write into q
     for _ in range(steps):
         gram = cpu_blas.matmul(q.transpose(1, 2), q)
-        q = cpu_blas.matmul(q, inverse_cholesky_factor(gram))
+        cpu_blas.upper_triangular_matmul_(q, inverse_cholesky_factor(gram))
     return q
 
 

@@ -88,3 +88,30 @@ def test_bad_override_names_the_variable(monkeypatch):
             cpu_blas.cpu_blas()
     finally:
         cpu_blas.cpu_blas.cache_clear()
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_upper_triangular_matmul_in_place(cpu_blas_choice, layout):
+    """a ← a·U for upper-triangular U, in a's memory, for the two layouts the range finder hands it
+    (its products come out row-major, or column-major as transposed views), through strmm where
+    scipy brings an OpenBLAS."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 37, 500, generator=gen).transpose(1, 2) if layout == "column-major" else torch.randn(3, 500, 37, generator=gen)
+    upper = torch.randn(3, 37, 37, generator=gen).triu() + 4 * torch.eye(37)
+    want = a.double() @ upper.double()
+    pointer = a.data_ptr()
+    got = cpu_blas.upper_triangular_matmul_(a, upper)
+    assert got is a and a.data_ptr() == pointer
+    torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-4)
+    if cpu_blas_choice == "openblas" and cpu_blas._scipy_trmm() is not None:
+        strmm, library = cpu_blas._scipy_trmm()
+        assert library._controller.num_threads == torch.get_num_threads()
+
+
+def test_orthonormalize_leaves_its_input_alone(cpu_blas_choice):
+    y = torch.randn(2, 300, 20, generator=torch.Generator().manual_seed(6))
+    before = y.clone()
+    from r2m_fast import ops_torch
+
+    q = ops_torch.orthonormalize(y, steps=2)
+    assert torch.equal(y, before) and q.data_ptr() != y.data_ptr()
