@@ -274,7 +274,7 @@ def factorize_residuals(
     starts = [z - torch.einsum("j,jms->ms", w.to(z), z) for w, z in zip(core_coeffs, sketches)]
     y = starts[0] if count == 1 else torch.cat(starts)
     # Intermediate bases only steer the subspace: one (shifted) CholeskyQR step, which keeps every
-    # direction above the shift and only damps those below it; the basis Bᵢ is formed on gets 3.
+    # direction above the shift and only damps those below it; the basis Bᵢ is formed on gets 3 (below).
     # A second step did not move the truncation error of any contract case (q = 1 and 2, fp32 and
     # bf16: worst ratio 1.0237 either way) and cost 2 of the 7 steps; with none, bf16 missed it (1.067).
     # The final basis gets CholeskyQR3, its third step applied on the s × s side: after two steps
