@@ -244,7 +244,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["r2m_fast", "r2m_fast.*"]) + ["r2m_fast.kernels"],
     package_dir={"r2m_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "scipy", "threadpoolctl>=3", "safetensors>=0.4", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "threadpoolctl>=3", "safetensors>=0.4", "pyyaml", "tqdm"],
     extras_require={
         # mergekit: the baselines' parity test (tests/test_baselines.py) runs against this release;
         # transformers/peft: Hugging Face folders and LoRA adapters. All install beside the CPU torch.

@@ -1,6 +1,6 @@
 """The range finder's CholeskyQR product q·R⁻¹ (R⁻¹ upper triangular) on the OpenBLAS path: a GEMM
 (numpy.matmul) against the in-place triangular product r2m_fast.cpu_blas.upper_triangular_matmul_
-(scipy's strmm: half the flops). Single-threaded, as each layer worker runs; N = 3 items of
+(numpy's OpenBLAS strmm: half the flops). Single-threaded, as each layer worker runs; N = 3 items of
 m × 214 by 214 × 214 for the 1 B model's row counts.
 
     python benchmarks/bench_trmm.py --out benchmarks/results/cpu_blas_trmm_<date>.md
@@ -28,8 +28,8 @@ SIZES = {"full": (214, [2048, 5632, 32000]), "quick": (24, [96, 200])}
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, __doc__)
-    if cpu_blas._scipy_trmm() is None or cpu_blas._numpy_openblas() is None:
-        raise SystemExit("bench_trmm: needs numpy and scipy with OpenBLAS")
+    if cpu_blas._strmm() is None:
+        raise SystemExit("bench_trmm: needs numpy with an OpenBLAS that exports cblas_strmm")
     torch.set_num_threads(1)
     s, rows_list = SIZES["quick" if args.quick else "full"]
     gen = torch.Generator().manual_seed(0)

@@ -8,12 +8,12 @@ memory (no copies); elsewhere they stay with torch. The choice depends only on t
 on a timing, so one machine always gives the same merge (DESIGN §4); R2M_CPU_BLAS=torch|openblas
 overrides it. OpenBLAS follows torch's thread count (one thread per layer worker, see
 r2m_fast.pipeline.one_thread_per_worker), set through threadpoolctl. On that path CholeskyQR's
-triangular products go through scipy's strmm where scipy brings its own OpenBLAS
-(upper_triangular_matmul_), again a fixed rule.
+triangular products go through the same OpenBLAS's strmm (upper_triangular_matmul_).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import threading
@@ -69,18 +69,31 @@ def _numpy_openblas() -> Optional[_OpenBLAS]:
     return None
 
 
+# cblas_strmm as numpy's OpenBLAS exports it: (name, the width of its integer arguments). numpy ≥ 2
+# wheels ship scipy-openblas64 (ILP64, prefixed names); older ones openblas64_ (suffixed).
+_STRMM_SYMBOLS = (("scipy_cblas_strmm64_", ctypes.c_int64), ("cblas_strmm64_", ctypes.c_int64),
+                  ("scipy_cblas_strmm", ctypes.c_int), ("cblas_strmm", ctypes.c_int))
+_ROW_MAJOR, _COL_MAJOR, _RIGHT, _UPPER, _LOWER, _NO_TRANS, _TRANS, _NON_UNIT = 101, 102, 142, 121, 122, 111, 112, 131
+
+
 @functools.lru_cache(maxsize=1)
-def _scipy_trmm() -> Optional[tuple[Callable, _OpenBLAS]]:
-    """scipy's strmm and its OpenBLAS (another copy than numpy's), or None without scipy or where
-    its BLAS is not an OpenBLAS whose threads can be set."""
-    try:
-        from scipy.linalg import blas
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
+def _strmm() -> Optional[Callable]:
+    """cblas_strmm of numpy's OpenBLAS (already loaded: no import, its threads already followed), or
+    None where it exports none."""
+    library = _numpy_openblas()
+    if library is None:
         return None
-    for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers:
-        if "scipy" in lib.filepath and "numpy" not in lib.filepath:
-            return blas.strmm, _OpenBLAS(lib)
+    try:
+        handle = ctypes.CDLL(library._controller.filepath)
+    except OSError:
+        return None
+    for name, integer in _STRMM_SYMBOLS:
+        function = getattr(handle, name, None)
+        if function is not None:
+            function.restype = None
+            function.argtypes = [ctypes.c_int] * 5 + [integer] * 2 + [
+                ctypes.c_float, ctypes.c_void_p, integer, ctypes.c_void_p, integer]
+            return function
     return None
 
 
@@ -133,24 +146,26 @@ def upper_triangular_matmul_(a: torch.Tensor, upper: torch.Tensor) -> torch.Tens
     """a ← a @ upper for a batch of upper-triangular matrices `upper` (B, s, s) (zero below the
     diagonal) and a (B, m, s) fp32, in place; returns a.
 
-    On the OpenBLAS path, where scipy brings an OpenBLAS, each item is one strmm (the half of a
-    GEMM's flops the zero triangle does not need, in place: 1.5–1.6× faster than the GEMM at the
-    range finder's shapes, s = 214, benchmarks/results/cpu_blas_trmm_2026-12-01.md); elsewhere a
-    matmul into a's memory."""
-    trmm = _scipy_trmm() if takes(a, upper) and a.dtype == torch.float32 else None
-    items = a.numpy() if trmm is not None else None
-    if trmm is None or any(not (x.flags.c_contiguous or x.flags.f_contiguous) for x in items):
+    On the OpenBLAS path each item is one cblas_strmm of numpy's OpenBLAS (through ctypes, which lets
+    go of the GIL): half a GEMM's flops, in place, 1.5–1.6× faster than the GEMM at the range
+    finder's shapes (s = 214, benchmarks/results/cpu_blas_trmm_2026-12-01.md). Elsewhere, or for an
+    item with no unit stride, a matmul into a's memory."""
+    strmm = _strmm() if takes(a, upper) and a.dtype == torch.float32 else None
+    m, s = a.shape[1:]
+    rows, cols = a.stride()[1:]
+    # Row-major items: B ← B·U. Column-major ones: the same memory read column-major; U's row-major
+    # memory is Uᵀ column-major (lower), so op(A) = (Uᵀ)ᵀ.
+    if cols == 1 and rows >= max(s, 1):
+        layout = (_ROW_MAJOR, _UPPER, _NO_TRANS, rows)
+    elif rows == 1 and cols >= max(m, 1):
+        layout = (_COL_MAJOR, _LOWER, _TRANS, cols)
+    else:
+        layout = None
+    if strmm is None or layout is None or not a.numel():
         return a.copy_(matmul(a, upper))
-    import numpy
-
-    strmm, library = trmm
-    library.follow_torch_threads()
-    for item, factor in zip(items, _blas_operand(upper)):
-        if item.flags.f_contiguous:  # column-major: B ← B·U (side right)
-            done = strmm(1.0, factor, item, side=1, lower=0, overwrite_b=1)
-        else:  # row-major: its transpose is column-major, Bᵀ ← Uᵀ·Bᵀ (side left, U transposed)
-            done = strmm(1.0, factor, item.T, side=0, lower=0, trans_a=1, overwrite_b=1)
-            done = done.T
-        if not numpy.shares_memory(done, item):  # scipy had to copy (it does not for these layouts)
-            item[...] = done
+    _numpy_openblas().follow_torch_threads()
+    upper = upper.contiguous()
+    order, uplo, trans, lead = layout
+    for item, factor in zip(a, upper):
+        strmm(order, _RIGHT, uplo, trans, _NON_UNIT, m, s, 1.0, factor.data_ptr(), s, item.data_ptr(), lead)
     return a

@@ -90,22 +90,31 @@ def test_bad_override_names_the_variable(monkeypatch):
         cpu_blas.cpu_blas.cache_clear()
 
 
-@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "every other row", "no unit stride"])
 def test_upper_triangular_matmul_in_place(cpu_blas_choice, layout):
-    """a ← a·U for upper-triangular U, in a's memory, for the two layouts the range finder hands it
-    (its products come out row-major, or column-major as transposed views), through strmm where
-    scipy brings an OpenBLAS."""
+    """a ← a·U for upper-triangular U, in a's memory, for the layouts the range finder hands it (its
+    products come out row-major, or column-major as transposed views) and two more, through numpy's
+    OpenBLAS strmm on that path (the last layout through a matmul)."""
     gen = torch.Generator().manual_seed(4)
-    a = torch.randn(3, 37, 500, generator=gen).transpose(1, 2) if layout == "column-major" else torch.randn(3, 500, 37, generator=gen)
+    whole = torch.randn(3, 1000, 74, generator=gen)
+    a = {
+        "row-major": lambda: whole[:, :500, :37].contiguous(),
+        "column-major": lambda: whole[:, :37, :500].contiguous().transpose(1, 2),
+        "every other row": lambda: whole[:, ::2, :37],
+        "no unit stride": lambda: whole[:, :500, ::2],
+    }[layout]()
+    before = whole.clone()
     upper = torch.randn(3, 37, 37, generator=gen).triu() + 4 * torch.eye(37)
     want = a.double() @ upper.double()
     pointer = a.data_ptr()
     got = cpu_blas.upper_triangular_matmul_(a, upper)
     assert got is a and a.data_ptr() == pointer
     torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-4)
-    if cpu_blas_choice == "openblas" and cpu_blas._scipy_trmm() is not None:
-        strmm, library = cpu_blas._scipy_trmm()
-        assert library._controller.num_threads == torch.get_num_threads()
+    if layout == "every other row":  # the rows in between and the columns beyond are not a's
+        assert torch.equal(whole[:, 1::2], before[:, 1::2]) and torch.equal(whole[:, :, 37:], before[:, :, 37:])
+    if cpu_blas_choice == "openblas":
+        assert cpu_blas._strmm() is not None  # numpy's OpenBLAS exports it: the test ran strmm
+        assert cpu_blas._numpy_openblas()._controller.num_threads == torch.get_num_threads()
 
 
 def test_orthonormalize_leaves_its_input_alone(cpu_blas_choice):
