@@ -134,6 +134,18 @@ def costliest_first(layers: Sequence[LayerPlan], oversample: int, workers: int) 
     return sorted(layers, key=cost, reverse=True)
 
 
+def _in_layer_slot(fn: Callable[..., T]) -> Callable[..., T]:
+    """fn, run with a slot of the active scratch pool (ops_torch.layer_slot) on whichever worker
+    thread calls it; looked up here, on the pass's thread, which the workers' context does not see."""
+    slot = ops_torch.layer_slot()
+
+    def run(*args):
+        with slot():
+            return fn(*args)
+
+    return run
+
+
 def _matrices(tensors: Sequence[torch.Tensor], layer: LayerPlan) -> list[torch.Tensor]:
     return [t.reshape(layer.matrix) for t in tensors]
 
@@ -157,20 +169,17 @@ def gram_pass(
     layers = [layer for layer in state.plan if layer.merged]
     grams: dict[str, torch.Tensor] = {}
 
-    slot = ops_torch.layer_slot()
-
     def one(layer: LayerPlan, weights: list[torch.Tensor]):
         omega = (
             sketch_matrix(layer, config, source.device, state.range_finder_dtype) if layer.rank is not None else None
         )
-        with slot():
-            gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
+        gram, sketch = ops.gram_sketch(_matrices(weights, layer), omega)
         return gram.detach().to(torch.float64), sketch
 
     workers = cpu_workers(source.device)
     order = costliest_first(layers, config.oversample, workers)
     with one_thread_per_worker(workers):
-        results = ordered_map(one, ((layer, source.load(layer.name)) for layer in order), workers)
+        results = ordered_map(_in_layer_slot(one), ((layer, source.load(layer.name)) for layer in order), workers)
         for layer, (gram, sketch) in zip(_progress(order, "pass 1/3: Grams and sketches", progress), results):
             grams[layer.name] = gram
             if sketch is not None:
@@ -316,13 +325,14 @@ def factor_pass(
     layer's sketch is dropped from `state` once factored; the factors go to `state.new_store`.
     """
     layers = [layer for layer in state.plan if layer.rank is not None and layer.kind == DECOMPOSED]
+    workers = cpu_workers(source.device)
     if source.device.type == "cuda":
         groups: dict[tuple, list[LayerPlan]] = {}
         for layer in layers:
             groups.setdefault((layer.matrix, layer.rank), []).append(layer)
         batches = list(groups.values())
     else:
-        batches = [[layer] for layer in costliest_first(layers, config.oversample, cpu_workers(source.device))]
+        batches = [[layer] for layer in costliest_first(layers, config.oversample, workers)]
     factors = state.new_store("factors")
     # Every layer's w in one host→device copy: a blocking copy to CUDA synchronizes the stream, so one
     # per layer would drain the GPU's queue once per layer (the values are the same either way).
@@ -330,13 +340,7 @@ def factor_pass(
     all_w = torch.stack([real.coeffs[layer.name] for layer in layers]).to(source.device, torch.float32) if layers else None
     bar = _progress(layers, "pass 2/3: residual factors", progress)
 
-    slot = ops_torch.layer_slot()
-
     def one(batch: list[LayerPlan], loaded: list[list[torch.Tensor]], sketches: list[torch.Tensor]):
-        with slot():
-            return factor(batch, loaded, sketches)
-
-    def factor(batch: list[LayerPlan], loaded: list[list[torch.Tensor]], sketches: list[torch.Tensor]):
         matmuls, coeffs = [], []
         for layer, tensors in zip(batch, loaded):
             weights = _matrices(tensors, layer)
@@ -360,11 +364,10 @@ def factor_pass(
             ) from exc
 
     # Loads and the sketches (a SpillStore reads files) on this thread; the range finders on the workers.
-    workers = cpu_workers(source.device)
     args = ((batch, [source.load(layer.name) for layer in batch], [state.sketches[layer.name] for layer in batch])
             for batch in batches)
     with one_thread_per_worker(workers):
-        for batch, results in zip(batches, ordered_map(one, args, workers)):
+        for batch, results in zip(batches, ordered_map(_in_layer_slot(one), args, workers)):
             factors.update((layer.name, result) for layer, result in zip(batch, results))
             for layer in batch:
                 del state.sketches[layer.name]  # only the range finder's start: free it (memory or disk) now
@@ -432,13 +435,7 @@ def accumulate_pass(
     # triton queues an asynchronous copy), so the pass does not drain the GPU's queue once per layer.
     device_scales = scales.to(device=source.device, dtype=torch.float32)
 
-    slot = ops_torch.layer_slot()
-
     def one(layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors]) -> torch.Tensor:
-        with slot():
-            return merge_layer(layer, tensors, f)
-
-    def merge_layer(layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors]) -> torch.Tensor:
         if layer.kind == COPY:
             return tensors[0].clone()
         left = right = None
@@ -469,7 +466,7 @@ def accumulate_pass(
             for layer in state.plan)
     with one_thread_per_worker(workers):
         for layer, merged in zip(_progress(state.plan, "pass 3/3: merged weights", progress),
-                                 ordered_map(one, args, workers)):
+                                 ordered_map(_in_layer_slot(one), args, workers)):
             sink(layer.name, merged)
 
 
