@@ -202,12 +202,19 @@ def task_gram(flat: torch.Tensor) -> torch.Tensor:
 
     On CPU in column blocks, each block's product summed in fp64: one GEMM with K in the millions
     accumulated in fp32 rounded the Gram by ~1e-3 relative (MKL, K = 11.5 M), the blocks by ~1e-7,
-    and they read each element once while it is in cache (1.5× faster)."""
+    and they read each element once while it is in cache (1.5× faster). The whole blocks go as one
+    batched product (an N × N product per call is all overhead: 0.82 → 0.60 ms per 3 × 2¹⁸ block)."""
     if flat.device.type != "cpu":
         return (flat @ flat.T).double()
-    gram = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64)
-    for block in flat.split(GRAM_BLOCK, dim=1):
-        gram += (block @ block.T).double()
+    N, K = flat.shape
+    whole = K - K % GRAM_BLOCK
+    gram = torch.zeros(N, N, dtype=torch.float64)
+    if whole:
+        blocks = flat[:, :whole].unflatten(1, (-1, GRAM_BLOCK)).transpose(0, 1)  # (K // GRAM_BLOCK, N, GRAM_BLOCK)
+        gram += torch.bmm(blocks, blocks.transpose(1, 2)).double().sum(0)
+    if whole < K:
+        rest = flat[:, whole:]
+        gram += (rest @ rest.T).double()
     return gram
 
 
@@ -369,11 +376,5 @@ def accumulate(
         for a, w in terms:
             block.add_(fp32_difference(tau[:k], w[rows], base), alpha=a)
     if left is not None:
-        left, right = left.float(), right.float()
-        if cpu_blas.takes(left, right):
-            # numpy's matmul has no accumulate-into form: the product goes to a reused buffer first.
-            product = scratch("acc_lr", (m, n), torch.float32, device)
-            out.add_(cpu_blas.matmul(left, right.T, out=product))
-        else:
-            out.addmm_(left, right.T)
+        cpu_blas.matmul_add_(out, left.float(), right.float().T)
     return out.to(out_dtype)

@@ -124,3 +124,31 @@ def test_orthonormalize_leaves_its_input_alone(cpu_blas_choice):
 
     q = ops_torch.orthonormalize(y, steps=2)
     assert torch.equal(y, before) and q.data_ptr() != y.data_ptr()
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "rows of a wider out", "no unit stride"])
+def test_matmul_add_accumulates_in_place(cpu_blas_choice, layout):
+    """out += a @ b in out's memory, for row- and column-major operands (pass 3 passes Rᵀ as a
+    column-major view), an out with a leading dimension beyond its width, and operands with no unit
+    stride (copied by the fallback): one sgemm with β = 1 on the OpenBLAS path."""
+    gen = torch.Generator().manual_seed(9)
+    a, b = torch.randn(133, 47, generator=gen), torch.randn(47, 61, generator=gen)
+    wide = torch.randn(133, 70, generator=gen)
+    out = wide[:, :61] if layout == "rows of a wider out" else torch.randn(133, 61, generator=gen)
+    if layout == "column-major":
+        a, b = a.T.contiguous().T, b.T.contiguous().T
+    elif layout == "no unit stride":
+        a = torch.randn(266, 94, generator=gen)[::2, ::2]
+    before, beyond = out.clone(), wide[:, 61:].clone()
+    pointer = out.data_ptr()
+    assert cpu_blas.matmul_add_(out, a, b) is out and out.data_ptr() == pointer
+    want = before.double() + a.double() @ b.double()
+    torch.testing.assert_close(out.double(), want, rtol=MATMUL_FP32_RTOL, atol=MATMUL_FP32_RTOL * float(want.abs().max()))
+    assert torch.equal(wide[:, 61:], beyond)  # the columns beyond out are not its own
+    if cpu_blas_choice == "openblas":
+        assert cpu_blas._sgemm() is not None  # numpy's OpenBLAS exports it: the test ran sgemm
+
+
+def test_matmul_add_refuses_shapes_that_do_not_fit(cpu_blas_choice):
+    with pytest.raises((ValueError, RuntimeError)):
+        cpu_blas.matmul_add_(torch.zeros(5, 4), torch.zeros(5, 3), torch.zeros(2, 4))
