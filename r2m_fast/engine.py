@@ -304,7 +304,7 @@ def factorize_residuals(
     evals, evecs = evals.flip(-1)[:, :rank], evecs.flip(-1)[:, :, :rank]
     sigma = evals.clamp_min(0.0).sqrt()
     to_left = r_inv @ evecs  # q₂ → the left singular vectors: Uᵢ = q₂ᵢ R⁻¹ Vᵢ
-    left = cpu_blas.matmul(q, to_left.to(q.dtype)) * sigma.to(q.dtype)[:, None, :]
+    left = cpu_blas.matmul(q, (to_left * sigma[:, None, :]).to(q.dtype))  # Uᵢ Σᵢ, Σ on the s × r side
     inv_sigma = torch.where(sigma > 0, 1.0 / torch.where(sigma > 0, sigma, 1.0), 0.0)
     right = cpu_blas.matmul(bt, (to_left * inv_sigma[:, None, :]).to(bt.dtype))
     kept_sq = (sigma**2).sum(-1).cpu()
@@ -435,7 +435,9 @@ def accumulate_pass(
     # triton queues an asynchronous copy), so the pass does not drain the GPU's queue once per layer.
     device_scales = scales.to(device=source.device, dtype=torch.float32)
 
-    def one(layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors]) -> torch.Tensor:
+    def one(
+        layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors], rows: Optional[slice]
+    ) -> torch.Tensor:
         if layer.kind == COPY:
             return tensors[0].clone()
         left = right = None
@@ -445,8 +447,9 @@ def accumulate_pass(
         elif layer.name in factors:
             coeffs = real.coeffs[layer.name]
             if f is not None:
-                scaled = f.left * device_scales.to(f.left)[:, None, None]
-                left = scaled.permute(1, 0, 2).reshape(layer.matrix[0], -1)   # (m, N·r)
+                f_left = f.left if rows is None else f.left[:, rows]
+                scaled = f_left * device_scales.to(f.left)[:, None, None]
+                left = scaled.permute(1, 0, 2).reshape(f_left.shape[1], -1)    # (m, N·r)
                 right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
         else:
             # Untruncated: τ_core + Σᵢ sᵢ (τᵢ − τ_core) is a plain combination, aⱼ = wⱼ + sⱼ − wⱼ Σᵢ sᵢ.
@@ -457,17 +460,67 @@ def accumulate_pass(
             # θ* = θ₀ exactly (e.g. every specialist equals the base): the base itself, bit for bit,
             # whichever backend; a kernel's θ₀ + 0 would turn its -0.0 entries into +0.0.
             return tensors[0].to(out_dtype, copy=True)
-        merged = ops.accumulate(_matrices(tensors, layer), coeffs.to(torch.float32), left, right, out_dtype)
+        weights = _matrices(tensors, layer)
+        if rows is not None:
+            return ops.accumulate([w[rows] for w in weights], coeffs.to(torch.float32), left, right, out_dtype)
+        merged = ops.accumulate(weights, coeffs.to(torch.float32), left, right, out_dtype)
         return merged.reshape(layer.shape)
 
     # Loads and factors (a SpillStore reads files) on this thread, in order; outputs sunk in order.
     workers = cpu_workers(source.device)
-    args = ((layer, source.load(layer.name), factors[layer.name] if has_residual and layer.name in factors else None)
-            for layer in state.plan)
+    with_residual = {layer.name for layer in state.plan if has_residual and layer.name in factors}
+    tasks = output_tasks(state.plan, with_residual, split=source.device.type == "cpu")
+
+    def task_args():
+        loaded = None  # a layer's tensors and factors, loaded once for all its row blocks
+        for layer, rows in tasks:
+            if loaded is None or loaded[0] is not layer:
+                loaded = (layer, source.load(layer.name), factors[layer.name] if layer.name in with_residual else None)
+            yield (*loaded, rows)
+
+    args = task_args()
+    bar = _progress(state.plan, "pass 3/3: merged weights", progress)
+    whole: Optional[torch.Tensor] = None
     with one_thread_per_worker(workers):
-        for layer, merged in zip(_progress(state.plan, "pass 3/3: merged weights", progress),
-                                 ordered_map(_in_layer_slot(one), args, workers)):
+        for (layer, rows), merged in zip(tasks, ordered_map(_in_layer_slot(one), args, workers)):
+            if rows is not None:  # a row block of a large layer: the layer goes out with its last block
+                if rows.start == 0:
+                    whole = torch.empty(layer.matrix, dtype=merged.dtype, device=merged.device)
+                whole[rows] = merged
+                if rows.stop < layer.matrix[0]:
+                    continue
+                merged, whole = whole.reshape(layer.shape), None
             sink(layer.name, merged)
+            bar.update(1)
+    bar.close()
+
+
+def output_tasks(
+    plan: Sequence[LayerPlan], with_residual: set[str], split: bool
+) -> list[tuple[LayerPlan, Optional[slice]]]:
+    """Pass 3's work items in plan order: (layer, None) for a whole layer, and with `split` (on CPU)
+    (layer, rows) for each row block of a layer whose L·Rᵀ product costs over twice the median one.
+
+    The output goes out in plan order, so pass 3 cannot take the costliest layers first as passes 1
+    and 2 do. At 1 B the embeddings (first) and the LM head (last) cost 5.7× an MLP matrix: the first
+    held the in-order window while the other worker ran dry, the last ran alone (~1.3 s each on a
+    2-core machine). Their row blocks, about a median product each, keep every worker busy. The blocks
+    depend on the plan alone, not on the number of workers: a block's product can differ from the
+    whole matrix's in the last bit, and one CPU merge should give the same bits on any core count."""
+    costs = sorted(math.prod(layer.matrix) for layer in plan if layer.name in with_residual)
+    if not split or not costs:
+        return [(layer, None) for layer in plan]
+    median = costs[len(costs) // 2]
+    tasks: list[tuple[LayerPlan, Optional[slice]]] = []
+    for layer in plan:
+        m = layer.matrix[0]
+        cost = math.prod(layer.matrix)
+        if layer.name not in with_residual or cost <= 2 * median:
+            tasks.append((layer, None))
+            continue
+        step = -(-m // min(m, round(cost / median)))
+        tasks.extend((layer, slice(start, min(m, start + step))) for start in range(0, m, step))
+    return tasks
 
 
 FirstPass = Callable[[LayerSource, MergeState, R2MConfig, "LayerOps", bool], None]

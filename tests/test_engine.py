@@ -12,7 +12,7 @@ from helpers import DTYPE_IDS, layer_family, relative_error, test_devices
 from models import SHAPES, gapped_family, model_family
 from r2m_fast import ops_torch
 from r2m_fast.config import DEFAULT_POWER_ITERS, R2MConfig
-from r2m_fast.engine import costliest_first, factorize_residuals, sketch_width
+from r2m_fast.engine import costliest_first, factorize_residuals, output_tasks, sketch_width
 from r2m_fast.plan import build_plan
 from r2m_fast.reference import r2m_merge
 from tolerances import (
@@ -128,10 +128,21 @@ def test_same_seed_is_bit_identical_and_seed_matters(cpu_blas_choice):
     assert any(not torch.equal(a.state_dict[k], c.state_dict[k]) for k in a.state_dict)
 
 
-def test_layer_order_of_the_workers_does_not_change_a_bit():
-    """Two layer workers take the costliest layers first, one takes plan order: each layer's sketch,
-    factors and output depend on its name and inputs only, so the merges are the same bits."""
-    models = model_family(3)
+# SHAPES and an embedding over twice the median truncated layer (401 × 24 against 72 × 24), ragged.
+WITH_EMBEDDING = {**SHAPES, "embed_tokens.weight": (401, 24)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_order_of_the_workers_does_not_change_a_bit(dtype):
+    """Two layer workers take the costliest layers first in passes 1–2, one takes plan order; pass 3
+    cuts the embedding into the same row blocks for both: each layer's sketch, factors and output
+    depend on its name and inputs only, so the merges are the same bits."""
+    models = model_family(3, dtype=dtype, shapes=WITH_EMBEDDING)
+    plan = build_plan({name: (t.shape, t.dtype) for name, t in models[0].items()}, R2MConfig(rank_ratio=0.3))
+    truncated = {layer.name for layer in plan if layer.rank is not None}
+    blocks = [rows for layer, rows in output_tasks(plan, truncated, split=True) if rows is not None]
+    assert len(blocks) == 6 and blocks[0].start == 0 and blocks[-1].stop == 401  # 401 rows in 6 blocks
+    assert all(rows is None for _, rows in output_tasks(plan, truncated, split=False))
     previous = torch.get_num_threads()
     merged = {}
     try:
@@ -141,6 +152,7 @@ def test_layer_order_of_the_workers_does_not_change_a_bit():
     finally:
         torch.set_num_threads(previous)
     assert merged[1].keys() == merged[2].keys()
+    assert merged[2]["embed_tokens.weight"].shape == (401, 24) and merged[2]["embed_tokens.weight"].dtype == dtype
     assert all(torch.equal(merged[1][k], merged[2][k]) for k in merged[1])
 
 
