@@ -447,9 +447,10 @@ def accumulate_pass(
         elif layer.name in factors:
             coeffs = real.coeffs[layer.name]
             if f is not None:
-                f_left = f.left if rows is None else f.left[:, rows]
-                scaled = f_left * device_scales.to(f.left)[:, None, None]
-                left = scaled.permute(1, 0, 2).reshape(f_left.shape[1], -1)    # (m, N·r)
+                f_left = (f.left if rows is None else f.left[:, rows]).permute(1, 0, 2)  # (m, N, r)
+                # sᵢ Lᵢ side by side, (m, N·r): the product written in that layout, not scaled, then copied.
+                left = torch.empty(f_left.shape, dtype=f_left.dtype, device=f_left.device)
+                left = torch.mul(f_left, device_scales.to(f_left)[None, :, None], out=left).flatten(1)
                 right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
         else:
             # Untruncated: τ_core + Σᵢ sᵢ (τᵢ − τ_core) is a plain combination, aⱼ = wⱼ + sⱼ − wⱼ Σᵢ sᵢ.
