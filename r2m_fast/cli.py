@@ -396,8 +396,8 @@ def dry_run(settings: dict[str, Any], out=None) -> None:
         passes = 1
     # Peak RSS: this process now (torch and all), the mapped inputs (all N+1 models when R²M keeps
     # them resident, else the last few layers, of which the largest two count), the largest layer's
-    # work buffers (fp32: τ, the base, L·Rᵀ, the sum) and up to three merged tensors in flight to
-    # the writer thread.
+    # work buffers (fp32: τ, the base, the sum and one more of its size for the range finder's
+    # conversions and products) and up to three merged tensors in flight to the writer thread.
     inputs_bytes = (N + 1) * model_bytes
     resident_inputs = method == "r2m" and not settings.get("spill_dir") and resident_fits(inputs_bytes)
     numel_max = max((math.prod(s) for s, d in specs.values() if d.is_floating_point), default=0)

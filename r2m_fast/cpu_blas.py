@@ -169,8 +169,8 @@ def matmul_add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     """out += a @ b for 2-D a (m, k), b (k, n) and out (m, n); returns out.
 
     On the OpenBLAS path one cblas_sgemm with β = 1: the product lands in out's memory, where numpy's
-    matmul (no accumulate form) would write it to a buffer that a second pass then adds (at 1 B, 3.8 GB
-    more memory traffic in pass 3). Elsewhere torch's addmm_."""
+    matmul (no accumulate form) wrote it to a buffer that a second pass then added (pass 3 at 1 B: 3.8 GB
+    of products written and read back). Elsewhere torch's addmm_."""
     if not takes(a, b) or a.dtype != torch.float32 or out.dtype != torch.float32:
         return out.addmm_(a, b)
     (m, k), n = a.shape, b.shape[1]

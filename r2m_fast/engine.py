@@ -448,7 +448,8 @@ def accumulate_pass(
             coeffs = real.coeffs[layer.name]
             if f is not None:
                 f_left = (f.left if rows is None else f.left[:, rows]).permute(1, 0, 2)  # (m, N, r)
-                # sᵢ Lᵢ side by side, (m, N·r): the product written in that layout, not scaled, then copied.
+                # sᵢLᵢ side by side, (m, N·r), written in that layout by the product itself (scaling and
+                # then reshaping the permuted result copied L twice).
                 left = torch.empty(f_left.shape, dtype=f_left.dtype, device=f_left.device)
                 left = torch.mul(f_left, device_scales.to(f_left)[None, :, None], out=left).flatten(1)
                 right = f.right.permute(1, 0, 2).reshape(layer.matrix[1], -1)  # (n, N·r)
