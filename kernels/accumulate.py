@@ -78,6 +78,7 @@ def accumulate(
     left: Optional[torch.Tensor],
     right: Optional[torch.Tensor],
     out_dtype: torch.dtype,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The merged layer θ₀ + Σⱼ aⱼ (θⱼ − θ₀) + L Rᵀ in fp32, cast once (Triton).
 
@@ -86,9 +87,10 @@ def accumulate(
         coeffs: (N,) a, any float dtype and device (used as fp32).
         left: (m, K) or None; right: (n, K) or None (both or neither); used as fp32.
         out_dtype: floating dtype of the result.
+        out: (m, n) of out_dtype on the weights' device to write the result into (any strides), or None.
 
     Returns:
-        (m, n) contiguous tensor of out_dtype on the weights' device.
+        (m, n) tensor of out_dtype on the weights' device: `out` when given, else a contiguous new one.
     """
     op = "accumulate"
     layer = layer_weights(weights, op)
@@ -112,7 +114,13 @@ def accumulate(
             )
         left, right = left.float(), right.float()
         K = left.shape[1]
-    out = torch.empty((m, n), dtype=out_dtype, device=device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+    elif tuple(out.shape) != (m, n) or out.dtype != out_dtype or out.device != device:
+        raise ValueError(
+            f"r2m_fast.kernels.{op}: out must be ({m}, {n}) {out_dtype} on {device}; "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     if out.numel() == 0:
         return out
     has_low_rank = K > 0

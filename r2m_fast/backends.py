@@ -59,7 +59,7 @@ class LayerOps(Protocol):
 
     def accumulate(
         self, weights: Weights, coeffs: torch.Tensor, left: Optional[torch.Tensor],
-        right: Optional[torch.Tensor], out_dtype: torch.dtype,
+        right: Optional[torch.Tensor], out_dtype: torch.dtype, out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor: ...
 
 

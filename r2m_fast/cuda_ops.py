@@ -283,6 +283,7 @@ def accumulate(
     left: Optional[torch.Tensor],
     right: Optional[torch.Tensor],
     out_dtype: torch.dtype,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The merged layer θ₀ + Σⱼ aⱼ (θⱼ − θ₀) + L Rᵀ in fp32, cast once (CUDA kernels).
 
@@ -297,10 +298,16 @@ def accumulate(
         left: (m, K) or None; right: (n, K) or None (both or neither); fp32 (others are widened).
         out_dtype: float32, bfloat16 or float16 written by the kernel; float64 is the fp32 result
             widened, as in the torch contract.
+        out: a tensor of weights[0]'s shape and out_dtype (on any device) the result is copied into,
+            or None.
 
     Returns:
-        a tensor of weights[0]'s shape and out_dtype on the weights' device, each element written once.
+        a tensor of weights[0]'s shape and out_dtype on the weights' device, each element written once
+        (`out`, when given).
     """
+    if out is not None:
+        ops_torch.check_destination(out, tuple(weights[0].shape), out_dtype)
+        return out.copy_(accumulate(weights, coeffs, left, right, out_dtype))
     ext = _require_extension("accumulate")
     _check_weights(weights, "accumulate")
     n_tasks = len(weights) - 1

@@ -348,6 +348,7 @@ def accumulate(
     left: Optional[torch.Tensor],
     right: Optional[torch.Tensor],
     out_dtype: torch.dtype,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The merged layer: θ₀ + Σⱼ aⱼ τⱼ + L Rᵀ, computed in fp32 and cast once.
 
@@ -356,15 +357,20 @@ def accumulate(
         coeffs: (N,) the coefficients a of the task vectors.
         left: (m, K) fp32 or None; right: (n, K) fp32 or None (both or neither).
         out_dtype: dtype of the result.
+        out: where to write the result, (m, n) of out_dtype with unit column stride (the merge hands
+            its place in the output file, see r2m_fast.output.ShardedSafetensorsWriter.destination),
+            or None for a new tensor.
 
     Returns:
-        (m, n) tensor of out_dtype on the weights' device.
+        (m, n) tensor of out_dtype on the weights' device: `out` when given.
     """
     (m, n), device = weights[0].shape, weights[0].device
+    check_destination(out, (m, n), out_dtype)
     if out_dtype == torch.float32:
-        out = torch.empty(m, n, device=device)  # the result leaves (to the writer): fresh memory, not scratch
+        # The result leaves (to the writer): fresh memory, not scratch, unless it has a place to go.
+        acc = out if out is not None else torch.empty(m, n, device=device)
     else:  # only the cast below leaves: the fp32 sum can be scratch (fresh memory costs a fault per page)
-        out = scratch("acc_out", (m, n), torch.float32, device)
+        acc = scratch("acc_out", (m, n), torch.float32, device)
     terms = [(a, w) for a, w in zip(coeffs.tolist(), weights[1:]) if a != 0.0]
     blocks = row_blocks((m, n), device)
     base_rows = base_rows_buffer("acc_base", weights[0], blocks)
@@ -372,9 +378,20 @@ def accumulate(
     for rows in blocks:  # θ₀ + Σⱼ aⱼ τⱼ block by block, each block's inputs read once
         k = rows.stop - rows.start
         base = fp32_rows(weights[0], rows, base_rows)
-        block = out[rows].copy_(base)
+        block = acc[rows].copy_(base)
         for a, w in terms:
             block.add_(fp32_difference(tau[:k], w[rows], base), alpha=a)
     if left is not None:
-        cpu_blas.matmul_add_(out, left.float(), right.float().T)
-    return out.to(out_dtype)
+        cpu_blas.matmul_add_(acc, left.float(), right.float().T)
+    if out is None:
+        return acc.to(out_dtype)
+    return out if acc is out else out.copy_(acc)
+
+
+def check_destination(out: Optional[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Refuse an accumulate `out` of another shape or dtype, or without unit column stride."""
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or (out.numel() and out.stride(1) != 1)):
+        raise ValueError(
+            f"accumulate: out must be {tuple(shape)} {dtype} with unit column stride, "
+            f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}"
+        )

@@ -90,6 +90,19 @@ def test_accumulate(cpu_blas_choice, shape, dtype, out_dtype):
     again = ops_torch.accumulate(weights, -coeffs, None, None, out_dtype)
     assert not torch.equal(plain, again)
     _assert_close(plain, want.to(out_dtype).double(), "θ₀ + Σ aⱼτⱼ after reuse")
+    # Into a given place (rows of a wider buffer, as pass 3's row blocks of a mapped file): the same bits.
+    wide = torch.full((shape[0], shape[1] + 3), float("nan"), dtype=out_dtype)
+    place = wide[:, : shape[1]]
+    assert ops_torch.accumulate(weights, coeffs, left, right, out_dtype, out=place) is place
+    assert torch.equal(place, merged) and wide[:, shape[1]:].isnan().all()
+
+
+def test_accumulate_refuses_a_place_that_does_not_fit():
+    weights = _layer((5, 4), torch.float32)
+    coeffs = torch.tensor([0.3, 0.2, 0.1])
+    for out in (torch.empty(4, 5), torch.empty(5, 4, dtype=torch.bfloat16), torch.empty(4, 5).T):
+        with pytest.raises(ValueError, match="accumulate: out must be"):
+            ops_torch.accumulate(weights, coeffs, None, None, torch.float32, out=out)
 
 
 def test_scratch_keeps_a_large_buffer_for_small_requests():

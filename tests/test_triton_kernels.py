@@ -183,6 +183,22 @@ def test_accumulate_matches_torch(device, dtype, shape, N, low_rank):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_into_a_given_place(device):
+    """out= receives the result (any strides: columns of a wider buffer) and is returned; one of
+    another shape is refused."""
+    weights = _family(3, (33, 47), torch.float32, device)
+    coeffs = torch.tensor([0.2, 0.3, 0.1], device=device)
+    left, right = torch.randn(33, 5, device=device), torch.randn(47, 5, device=device)
+    wide = torch.full((33, 50), float("nan"), device=device)
+    place = wide[:, :47]
+    assert kernels.accumulate(weights, coeffs, left, right, torch.float32, out=place) is place
+    assert torch.equal(place, kernels.accumulate(weights, coeffs, left, right, torch.float32))
+    assert wide[:, 47:].isnan().all()
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.accumulate(weights, coeffs, None, None, torch.float32, out=torch.empty(47, 33, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_accumulate_out_dtypes(device):
     weights = _family(3, (33, 47), torch.float16, device)
     coeffs = torch.tensor([0.2, 0.3, 0.1], device=device)
