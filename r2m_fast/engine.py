@@ -436,10 +436,11 @@ def accumulate_pass(
     device_scales = scales.to(device=source.device, dtype=torch.float32)
 
     def one(
-        layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors], rows: Optional[slice]
+        layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors], place: Optional[torch.Tensor],
+        rows: Optional[slice],
     ) -> torch.Tensor:
         if layer.kind == COPY:
-            return tensors[0].clone()
+            return tensors[0].clone() if place is None else place.copy_(tensors[0])
         left = right = None
         if layer.kind == HEAD:
             check_finite(layer.name, tensors, source.labels)  # heads skip pass 1 and its check
@@ -461,23 +462,33 @@ def accumulate_pass(
         if left is None and not bool(coeffs.any()):
             # θ* = θ₀ exactly (e.g. every specialist equals the base): the base itself, bit for bit,
             # whichever backend; a kernel's θ₀ + 0 would turn its -0.0 entries into +0.0.
-            return tensors[0].to(out_dtype, copy=True)
+            return tensors[0].to(out_dtype, copy=True) if place is None else place.copy_(tensors[0])
         weights = _matrices(tensors, layer)
+        out = None if place is None else place.view(layer.matrix)
         if rows is not None:
-            return ops.accumulate([w[rows] for w in weights], coeffs.to(torch.float32), left, right, out_dtype)
-        merged = ops.accumulate(weights, coeffs.to(torch.float32), left, right, out_dtype)
-        return merged.reshape(layer.shape)
+            weights, out = [w[rows] for w in weights], None if out is None else out[rows]
+        merged = ops.accumulate(weights, coeffs.to(torch.float32), left, right, out_dtype, out=out)
+        return merged if rows is not None else merged.reshape(layer.shape)
 
     # Loads and factors (a SpillStore reads files) on this thread, in order; outputs sunk in order.
     workers = cpu_workers(source.device)
     with_residual = {layer.name for layer in state.plan if has_residual and layer.name in factors}
     tasks = output_tasks(state.plan, with_residual, split=source.device.type == "cpu")
+    # A sink writing into a mapped file hands out each tensor's place in it: computed there, the
+    # output needs no memory of its own and no copy (a device's results go to the sink as they are).
+    destination = getattr(sink, "destination", None) if source.device.type == "cpu" else None
+
+    places: dict[str, torch.Tensor] = {}  # layer name → its place in the output, until it is sunk
 
     def task_args():
-        loaded = None  # a layer's tensors and factors, loaded once for all its row blocks
+        loaded = None  # a layer's tensors, factors and place, loaded once for all its row blocks
         for layer, rows in tasks:
             if loaded is None or loaded[0] is not layer:
-                loaded = (layer, source.load(layer.name), factors[layer.name] if layer.name in with_residual else None)
+                f = factors[layer.name] if layer.name in with_residual else None
+                place = destination(layer.name) if destination is not None else None
+                if place is not None:
+                    places[layer.name] = place
+                loaded = (layer, source.load(layer.name), f, place)
             yield (*loaded, rows)
 
     args = task_args()
@@ -487,11 +498,15 @@ def accumulate_pass(
         for (layer, rows), merged in zip(tasks, ordered_map(_in_layer_slot(one), args, workers)):
             if rows is not None:  # a row block of a large layer: the layer goes out with its last block
                 if rows.start == 0:
-                    whole = torch.empty(layer.matrix, dtype=merged.dtype, device=merged.device)
-                whole[rows] = merged
+                    place = places.get(layer.name)
+                    whole = (torch.empty(layer.matrix, dtype=merged.dtype, device=merged.device) if place is None
+                             else place.view(layer.matrix))
+                if merged.data_ptr() != whole[rows].data_ptr():  # not computed in its place
+                    whole[rows] = merged
                 if rows.stop < layer.matrix[0]:
                     continue
                 merged, whole = whole.reshape(layer.shape), None
+            places.pop(layer.name, None)
             sink(layer.name, merged)
             bar.update(1)
     bar.close()

@@ -72,7 +72,7 @@ def merge_into_folder(
         with OutputFolder(output, force=force, needed=needed_bytes(layout, shard_size)) as folder:
             assert folder.path is not None
             writer = ShardedSafetensorsWriter(folder.path, layout, shard_size=shard_size, sync=fsync_output(),
-                                              on_error=folder.fail)
+                                              on_error=folder.fail, in_place=True)
             with BackgroundSink(writer) as sink:  # writing overlaps computing the next tensor
                 result = run(source, sink, folder.path)
             writer.close()

@@ -20,8 +20,10 @@ rank-0 transaction (r2m_fast.distributed).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import shutil
 import signal
@@ -242,12 +244,78 @@ class OutputFolder:
         self.abort()
 
 
+class _MappedShard:
+    """One shard file allocated on the disk whole (posix_fallocate: a full disk fails here, not as a
+    SIGBUS on a later write to the mapping) and mapped shared, its header written: each tensor is
+    written at its place in the file through the mapping."""
+
+    def __init__(self, path: Path, entries: Layout):
+        header = _header_bytes(entries)
+        self.places: dict[str, tuple[int, tuple[int, ...], torch.dtype, int]] = {}
+        offset = len(header)
+        for name, shape, dtype in entries:
+            nbytes = _nbytes(shape, dtype)
+            self.places[name] = (offset, tuple(shape), dtype, nbytes)
+            offset += nbytes
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            os.posix_fallocate(self._fd, 0, offset)
+            self._map = mmap.mmap(self._fd, offset)  # shared, read and write
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._map[: len(header)] = header
+
+    def view(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor's place in the file (None for an empty tensor)."""
+        offset, shape, dtype, nbytes = self.places[name]
+        if not nbytes:
+            return None
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Unmap the tensor's whole pages from this process: they stay in the page cache (dirty pages
+        of a shared mapping are written back, not dropped), so the RSS holds no written output."""
+        offset, _, _, nbytes = self.places[name]
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self, sync: bool) -> None:
+        try:
+            if sync:
+                self._map.flush()
+                os.fsync(self._fd)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:  # a view of it still lives: the mapping goes with the last one
+            pass
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1  # never closed twice: the number may be another file's by then
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class ShardedSafetensorsWriter:
     """A merge sink writing sharded safetensors into `directory` (an OutputFolder's path, or a
     sub-folder of it): call it as ``writer(name, tensor)`` once per layout entry, in order, then
     ``close()``. `on_error(exc)` turns an OSError into the error to raise (OutputFolder.fail: the
     partial output goes first). Shard file names: `files` (default shard_names), `shards` the
-    layout entries of each."""
+    layout entries of each.
+
+    ``in_place=True`` allocates every shard on the disk at once (a full disk fails before the merge
+    starts) and maps it: each tensor is copied into its place in the file, and ``destination(name)``
+    hands that place to a merge that can compute the tensor there, which then needs no memory of its
+    own and no write() (at 1 B bf16: a fresh output tensor and its write() cost 2.9–3.4 s of CPU per
+    1.85 GB here, the mapping 1.2–1.4 s). Where the file system allocates or maps no such file, the
+    writer writes as without it."""
 
     def __init__(
         self,
@@ -257,6 +325,7 @@ class ShardedSafetensorsWriter:
         sync: bool = True,
         on_error: Any = None,
         files: Optional[Sequence[str]] = None,
+        in_place: bool = False,
     ):
         self.directory = Path(directory)
         self.layout = list(layout)
@@ -268,6 +337,32 @@ class ShardedSafetensorsWriter:
         self._shard = -1
         self._handle = None
         self._delay = float(os.environ.get(SINK_DELAY_ENV, "0") or 0)
+        self._mapped: Optional[list[_MappedShard]] = self._map_shards() if in_place else None
+        self._where = {name: shard for shard in self._mapped or () for name in shard.places}
+
+    def _map_shards(self) -> Optional[list[_MappedShard]]:
+        mapped: list[_MappedShard] = []
+        try:
+            for entries, file in zip(self.shards, self.files):
+                mapped.append(_MappedShard(self.directory / file, entries))
+        except OSError as exc:
+            for shard in mapped:
+                shard.abandon()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._on_error(exc) from exc
+            return None  # no fallocate or no shared mapping here: write() as usual
+        return mapped
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the shards are mapped (tensors written in place)."""
+        return self._mapped is not None
+
+    def destination(self, name: str) -> Optional[torch.Tensor]:
+        """Where tensor `name` goes in its shard, to compute it into and then hand to the writer
+        (``writer(name, place)`` copies nothing); None when not in place or for an empty tensor."""
+        shard = self._where.get(name)
+        return None if shard is None else shard.view(name)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         if self._pos >= len(self.layout):
@@ -277,6 +372,23 @@ class ShardedSafetensorsWriter:
             raise RuntimeError(
                 f"writer: expected {want_name!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}"
             )
+        if self._mapped is not None:
+            self._write_in_place(name, tensor)
+        else:
+            self._write(name, tensor)
+        self._pos += 1
+        if self._delay:
+            time.sleep(self._delay)
+
+    def _write_in_place(self, name: str, tensor: torch.Tensor) -> None:
+        shard = self._where[name]
+        place = shard.view(name)
+        if place is not None and not (tensor.device.type == "cpu" and tensor.data_ptr() == place.data_ptr()):
+            place.copy_(tensor)
+        del place
+        shard.release(name)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         shard = self._shard_index(self._pos)
         try:
             if shard != self._shard:
@@ -288,9 +400,6 @@ class ShardedSafetensorsWriter:
         except OSError as exc:
             self._drop_handle()
             raise self._on_error(exc) from exc
-        self._pos += 1
-        if self._delay:
-            time.sleep(self._delay)
 
     def _shard_index(self, pos: int) -> int:
         for i, shard in enumerate(self.shards):
@@ -308,6 +417,8 @@ class ShardedSafetensorsWriter:
             self._handle = None
 
     def _drop_handle(self) -> None:
+        for shard in self._mapped or ():
+            shard.abandon()
         if self._handle is not None:
             try:
                 self._handle.close()
@@ -321,7 +432,11 @@ class ShardedSafetensorsWriter:
             self._drop_handle()
             raise RuntimeError(f"writer: {len(self.layout) - self._pos} tensor(s) never written")
         try:
-            self._close_shard()
+            if self._mapped is not None:
+                for shard in self._mapped:
+                    shard.close(self.sync)
+            else:
+                self._close_shard()
         except OSError as exc:
             self._drop_handle()
             raise self._on_error(exc) from exc

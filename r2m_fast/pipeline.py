@@ -94,6 +94,11 @@ class BackgroundSink:
             raise self._error
         self._queue.put((name, tensor))
 
+    def destination(self, name: str) -> Optional[torch.Tensor]:
+        """The sink's place for tensor `name` (ShardedSafetensorsWriter.destination), or None."""
+        destination = getattr(self._sink, "destination", None)
+        return None if destination is None else destination(name)
+
     def __enter__(self) -> "BackgroundSink":
         self._thread.start()
         return self

@@ -108,16 +108,29 @@ def merge_flags(paths, out) -> list[str]:
     return argv + ["--output", str(out), "--quiet"]
 
 
+def has_written_tensors(shard: Path) -> bool:
+    """Whether a shard being written holds tensor data yet. The writer allocates its shards whole
+    before pass 1 (header written, data zero) and writes each tensor in place: a file that exists
+    says only that the merge started, possibly still importing modules."""
+    try:
+        raw = shard.read_bytes()
+    except OSError:
+        return False
+    if len(raw) < 8:
+        return False
+    return any(raw[8 + int.from_bytes(raw[:8], "little"):])
+
+
 def wait_until_writing(proc: subprocess.Popen, folder: Path, timeout: float = 90.0) -> Path:
-    """Block until the merge `proc` has a shard in its temporary output folder `folder/.out.tmp-*`
-    (so a signal sent now lands mid-write) and return that folder; fail the test if the merge exits
-    or never gets there."""
+    """Block until the merge `proc` has written a tensor in its temporary output folder
+    `folder/.out.tmp-*` (so a signal sent now lands mid-write) and return that folder; fail the test
+    if the merge exits or never gets there."""
     import pytest
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         temps = [p for p in folder.iterdir() if p.name.startswith(".out.tmp-")]
-        if temps and any(temps[0].glob("*.safetensors")):
+        if temps and any(has_written_tensors(shard) for shard in temps[0].glob("*.safetensors")):
             return temps[0]
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)

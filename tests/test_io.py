@@ -3,6 +3,7 @@ the atomic sharded writer, and the input errors (each naming the file and the te
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from r2m_fast.io import PickleCheckpoint, load_state_dict, open_checkpoint, pars
 from r2m_fast.output import OutputFolder, ShardedSafetensorsWriter, output_layout
 from r2m_fast.plan import MergeInputError
 
+from helpers import has_written_tensors
 from models import model_family
 
 CONFIG = r2m_fast.R2MConfig(head_prefix="head.", rank_ratio=0.2, seed=3)
@@ -128,6 +130,40 @@ def test_streamed_merge_equals_in_memory_bit_for_bit(tmp_path, formats, family, 
     assert result.report["seed"] == 3 and result.report["method"] == "r2m"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_computed_in_place_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, dtype):
+    """merge_files maps its shards and pass 3 computes each tensor at its place in the file, the
+    embedding (over twice the median layer) a row block at a time; 2 workers (in place) and the
+    in-memory merge (no destination) give the same bits, sharded or not."""
+    from models import SHAPES
+    from r2m_fast import output
+
+    family = model_family(3, dtype=dtype, shapes={**SHAPES, "embed_tokens.weight": (401, 24)})
+    paths = write_safetensors(tmp_path / "in", family)
+    places = []  # per tensor written: whether it came computed at its place
+    write_in_place = output.ShardedSafetensorsWriter._write_in_place
+
+    def spy(writer, name, tensor):
+        place = writer.destination(name)
+        places.append(place is None or place.data_ptr() == tensor.data_ptr())
+        return write_in_place(writer, name, tensor)
+
+    monkeypatch.setattr(output.ShardedSafetensorsWriter, "_write_in_place", spy)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for shard_size, out in (("5GB", tmp_path / "one"), (12000, tmp_path / "sharded")):
+            places.clear()
+            r2m_fast.merge_files(paths[0], paths[1:], out, CONFIG, shard_size=shard_size)
+            assert len(places) == len(family[0]) and all(places)  # none copied by the writer
+            merged = {}
+            for file in sorted(out.glob("*.safetensors")):
+                merged.update(load_file(str(file)))
+            assert_same(merged, in_memory(family))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_sharded_output_equals_in_memory_and_follows_hf_layout(tmp_path, family):
     paths = write_safetensors(tmp_path / "in", family)
     out = tmp_path / "out"
@@ -229,6 +265,64 @@ def test_no_partial_output_on_error(tmp_path, family):
             folder.commit()
     assert not out.exists()
     assert os.listdir(tmp_path) == ["in"]  # no temporary folder left either
+
+
+@pytest.mark.parametrize("fallocate", ["works", "unsupported"])
+def test_in_place_writer_writes_what_the_plain_one_does(tmp_path, monkeypatch, fallocate):
+    """An in-place writer maps its shards: a tensor computed into its destination is not copied, one
+    handed over from elsewhere is, each one's pages leave the process once written, and the shards
+    read back bit for bit as the plain writer's (fp32, bf16, an integer buffer, an empty tensor, ragged
+    byte sizes across 3 shards). Without fallocate it writes as the plain writer does."""
+    gen = torch.Generator().manual_seed(12)
+    tensors = {
+        "a.weight": torch.randn(33, 17, generator=gen),
+        "b.weight": torch.randn(5, 7, generator=gen).bfloat16(),
+        "steps": torch.tensor(7),
+        "empty": torch.empty(0, 3),
+        "c.weight": torch.randn(301, 3, generator=gen).half(),
+    }
+    layout = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    if fallocate == "unsupported":
+        def no_fallocate(fd, offset, length):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    written = {}
+    for kind in ("plain", "in place"):
+        folder = tmp_path / kind.replace(" ", "_")
+        folder.mkdir()
+        writer = ShardedSafetensorsWriter(folder, layout, shard_size=1500, in_place=kind == "in place")
+        assert len(writer.shards) == 3 and writer.in_place == (kind == "in place" and fallocate == "works")
+        for name, tensor in tensors.items():
+            place = writer.destination(name)
+            if writer.in_place and name == "a.weight":  # computed where it goes: nothing to copy
+                writer(name, place.copy_(tensor))
+            else:
+                assert (place is not None) == (writer.in_place and name not in ("empty",))
+                writer(name, tensor.clone())
+        writer.close()
+        written[kind] = {file: (folder / file).read_bytes() for file in writer.files}
+        loaded = {}
+        for file in writer.files:
+            loaded.update(load_file(str(folder / file)))
+        assert loaded.keys() == tensors.keys()
+        assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    assert written["plain"] == written["in place"]
+    if fallocate == "works":
+        assert writer.destination("empty") is None and writer.destination("nothing") is None
+
+
+def test_in_place_writer_fsyncs_when_asked(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    layout = [("x", (4, 4), torch.float32)]
+    for sync in (False, True):
+        writer = ShardedSafetensorsWriter(tmp_path, layout, sync=sync, in_place=True)
+        writer("x", torch.ones(4, 4))
+        writer.close()
+        assert len(synced) == int(sync)
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["x"], torch.ones(4, 4))
 
 
 def test_existing_output_needs_force(tmp_path, family):
@@ -389,7 +483,7 @@ def test_sigterm_during_merge_files_leaves_nothing(tmp_path, family):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         temps = list(tmp_path.glob(".out.tmp-*"))
-        if temps and any(temps[0].glob("*.safetensors")):
+        if temps and any(has_written_tensors(shard) for shard in temps[0].glob("*.safetensors")):
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)

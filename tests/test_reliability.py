@@ -408,7 +408,32 @@ def test_dry_run_reports_and_checks_the_space(tmp_path, inputs, capsys, monkeypa
     assert "not enough disk space" in _one_line(captured.err)
 
 
+def test_enospc_while_allocating_the_shards_removes_the_partial_output(tmp_path, inputs, capsys, monkeypatch):
+    """The shards are allocated on the disk whole before pass 1 (the writer maps them): a disk that
+    fills up under the merge fails there, with the shards allocated so far removed."""
+    real = os.posix_fallocate
+    calls = []
+
+    def fallocate(fd, offset, length):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, length)
+
+    def never(self, name):
+        raise AssertionError("pass 1 started")
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(input_readers.FileSource, "load", never)
+    err = _fails(flags(inputs, tmp_path / "out") + ["--shard-size", "1KB"], capsys, code=1)
+    assert f"{tmp_path / 'out'}: no space left on the device of {tmp_path}" in err
+    assert "the output needs" in err and "free after removing the partial output" in err and ".tmp-" not in err
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
 def test_enospc_while_writing_removes_the_partial_output(tmp_path, inputs, capsys, monkeypatch):
+    """Where the file system cannot allocate a file ahead (no fallocate), the writer writes the
+    tensors one by one, and a disk full at the third is the error."""
     real = output.write_tensor_data
     calls = []
 
@@ -419,6 +444,10 @@ def test_enospc_while_writing_removes_the_partial_output(tmp_path, inputs, capsy
             raise OSError(errno.ENOSPC, "No space left on device")
         real(handle, tensor)
 
+    def no_fallocate(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
     monkeypatch.setattr(output, "write_tensor_data", write)
     err = _fails(flags(inputs, tmp_path / "out") + ["--shard-size", "1KB"], capsys, code=1)
     assert f"{tmp_path / 'out'}: no space left on the device of {tmp_path}" in err
