@@ -435,6 +435,9 @@ def accumulate_pass(
     # triton queues an asynchronous copy), so the pass does not drain the GPU's queue once per layer.
     device_scales = scales.to(device=source.device, dtype=torch.float32)
 
+    def output_dtype(layer: LayerPlan) -> torch.dtype:
+        return config.out_dtype or layer.dtype
+
     def one(
         layer: LayerPlan, tensors: list[torch.Tensor], f: Optional[ResidualFactors], place: Optional[torch.Tensor],
         rows: Optional[slice],
@@ -458,17 +461,18 @@ def accumulate_pass(
             # Untruncated: τ_core + Σᵢ sᵢ (τᵢ − τ_core) is a plain combination, aⱼ = wⱼ + sⱼ − wⱼ Σᵢ sᵢ.
             w = real.coeffs[layer.name]
             coeffs = w + scales - w * scales.sum()
-        out_dtype = config.out_dtype or layer.dtype
+        out_dtype = output_dtype(layer)
         if left is None and not bool(coeffs.any()):
             # θ* = θ₀ exactly (e.g. every specialist equals the base): the base itself, bit for bit,
             # whichever backend; a kernel's θ₀ + 0 would turn its -0.0 entries into +0.0.
             return tensors[0].to(out_dtype, copy=True) if place is None else place.copy_(tensors[0])
         weights = _matrices(tensors, layer)
+        if rows is not None:  # a row block, written into its rows of the layer's place, which it returns
+            ops.accumulate([w[rows] for w in weights], coeffs.to(torch.float32), left, right, out_dtype,
+                           out=place.view(layer.matrix)[rows])
+            return place
         out = None if place is None else place.view(layer.matrix)
-        if rows is not None:
-            weights, out = [w[rows] for w in weights], None if out is None else out[rows]
-        merged = ops.accumulate(weights, coeffs.to(torch.float32), left, right, out_dtype, out=out)
-        return merged if rows is not None else merged.reshape(layer.shape)
+        return ops.accumulate(weights, coeffs.to(torch.float32), left, right, out_dtype, out=out).reshape(layer.shape)
 
     # Loads and factors (a SpillStore reads files) on this thread, in order; outputs sunk in order.
     workers = cpu_workers(source.device)
@@ -478,35 +482,22 @@ def accumulate_pass(
     # output needs no memory of its own and no copy (a device's results go to the sink as they are).
     destination = getattr(sink, "destination", None) if source.device.type == "cpu" else None
 
-    places: dict[str, torch.Tensor] = {}  # layer name → its place in the output, until it is sunk
-
     def task_args():
         loaded = None  # a layer's tensors, factors and place, loaded once for all its row blocks
         for layer, rows in tasks:
             if loaded is None or loaded[0] is not layer:
                 f = factors[layer.name] if layer.name in with_residual else None
                 place = destination(layer.name) if destination is not None else None
-                if place is not None:
-                    places[layer.name] = place
+                if place is None and rows is not None:  # row blocks gather in one tensor of the layer
+                    place = torch.empty(layer.shape, dtype=output_dtype(layer), device=source.device)
                 loaded = (layer, source.load(layer.name), f, place)
             yield (*loaded, rows)
 
-    args = task_args()
     bar = _progress(state.plan, "pass 3/3: merged weights", progress)
-    whole: Optional[torch.Tensor] = None
     with one_thread_per_worker(workers):
-        for (layer, rows), merged in zip(tasks, ordered_map(_in_layer_slot(one), args, workers)):
-            if rows is not None:  # a row block of a large layer: the layer goes out with its last block
-                if rows.start == 0:
-                    place = places.get(layer.name)
-                    whole = (torch.empty(layer.matrix, dtype=merged.dtype, device=merged.device) if place is None
-                             else place.view(layer.matrix))
-                if merged.data_ptr() != whole[rows].data_ptr():  # not computed in its place
-                    whole[rows] = merged
-                if rows.stop < layer.matrix[0]:
-                    continue
-                merged, whole = whole.reshape(layer.shape), None
-            places.pop(layer.name, None)
+        for (layer, rows), merged in zip(tasks, ordered_map(_in_layer_slot(one), task_args(), workers)):
+            if rows is not None and rows.stop < layer.matrix[0]:
+                continue  # results come in order: the layer is whole once its last row block is
             sink(layer.name, merged)
             bar.update(1)
     bar.close()
