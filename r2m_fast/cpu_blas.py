@@ -197,21 +197,16 @@ def upper_triangular_matmul_(a: torch.Tensor, upper: torch.Tensor) -> torch.Tens
     finder's shapes (s = 214, benchmarks/results/cpu_blas_trmm_2026-12-01.md). Elsewhere, or for an
     item with no unit stride, a matmul into a's memory."""
     strmm = _strmm() if takes(a, upper) and a.dtype == torch.float32 else None
-    m, s = a.shape[1:]
-    rows, cols = a.stride()[1:]
-    # Row-major items: B ← B·U. Column-major ones: the same memory read column-major; U's row-major
-    # memory is Uᵀ column-major (lower), so op(A) = (Uᵀ)ᵀ.
-    if cols == 1 and rows >= max(s, 1):
-        layout = (_ROW_MAJOR, _UPPER, _NO_TRANS, rows)
-    elif rows == 1 and cols >= max(m, 1):
-        layout = (_COL_MAJOR, _LOWER, _TRANS, cols)
-    else:
-        layout = None
-    if strmm is None or layout is None or not a.numel():
+    layout = _blas_layout(a[0]) if a.numel() else None  # every item has the first one's strides
+    if strmm is None or layout is None:
         return a.copy_(matmul(a, upper))
     _numpy_openblas().follow_torch_threads()
     upper = upper.contiguous()
-    order, uplo, trans, lead = layout
+    m, s = a.shape[1:]
+    # Row-major items: B ← B·U. Column-major ones: the same memory read column-major; U's row-major
+    # memory is Uᵀ column-major (lower), so op(A) = (Uᵀ)ᵀ.
+    item_layout, lead = layout
+    order, uplo, trans = (_ROW_MAJOR, _UPPER, _NO_TRANS) if item_layout == _NO_TRANS else (_COL_MAJOR, _LOWER, _TRANS)
     for item, factor in zip(a, upper):
         strmm(order, _RIGHT, uplo, trans, _NON_UNIT, m, s, 1.0, factor.data_ptr(), s, item.data_ptr(), lead)
     return a

@@ -385,7 +385,6 @@ class ShardedSafetensorsWriter:
         place = shard.view(name)
         if place is not None and not (tensor.device.type == "cpu" and tensor.data_ptr() == place.data_ptr()):
             place.copy_(tensor)
-        del place
         shard.release(name)
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
