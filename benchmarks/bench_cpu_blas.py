@@ -15,6 +15,7 @@ import datetime
 import platform
 import statistics
 import time
+from typing import Callable
 
 import numpy
 import torch
@@ -52,20 +53,27 @@ def parse_args(argv: list[str] | None, doc: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def alternating_rates(runs: dict[str, Callable[[], object]], flops: float, rounds: int) -> dict[str, float]:
+    """GFLOP/s of each run (`flops` per call): one warm-up call each, then `rounds` rounds that call
+    them in turn, each run's median time."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for run in runs.values():
+        run()
+    for _ in range(rounds):
+        for label, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - t)
+    return {label: flops / statistics.median(ts) / 1e9 for label, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, __doc__)
     torch.set_num_threads(1)
     rows = []
     with threadpool_limits(1, user_api="blas"):
         for name, flops, with_torch, with_numpy in cases("quick" if args.quick else "full"):
-            times = {"torch": [], "numpy": []}
-            with_torch(), with_numpy()
-            for _ in range(args.rounds):
-                for label, run in (("torch", with_torch), ("numpy", with_numpy)):
-                    t = time.perf_counter()
-                    run()
-                    times[label].append(time.perf_counter() - t)
-            rates = {label: flops / statistics.median(ts) / 1e9 for label, ts in times.items()}
+            rates = alternating_rates({"torch": with_torch, "numpy": with_numpy}, flops, args.rounds)
             rows.append((name, rates["torch"], rates["numpy"]))
             print(f"{name:<36} torch {rates['torch']:6.1f}  numpy {rates['numpy']:6.1f} GFLOP/s", flush=True)
     write_report(

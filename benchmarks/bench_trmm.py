@@ -12,14 +12,12 @@ Rounds alternate between the two; the report gives medians in GFLOP/s counted as
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import numpy
 import torch
 from threadpoolctl import threadpool_limits
 
-from bench_cpu_blas import parse_args, write_report
+from bench_cpu_blas import alternating_rates, parse_args, write_report
 from r2m_fast import cpu_blas
 
 N = 3
@@ -47,16 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                     "gemm": lambda q=q.numpy(), u=upper.numpy(): numpy.matmul(q, u, out=product),
                     "trmm": lambda q=q, u=upper: cpu_blas.upper_triangular_matmul_(q, u),
                 }
-                times = {label: [] for label in runs}
-                for run in runs.values():
-                    run()
-                for _ in range(args.rounds):
-                    for label, run in runs.items():
-                        t = time.perf_counter()
-                        run()
-                        times[label].append(time.perf_counter() - t)
-                flops = 2 * N * m * s * s
-                rates = {label: flops / statistics.median(ts) / 1e9 for label, ts in times.items()}
+                rates = alternating_rates(runs, 2 * N * m * s * s, args.rounds)
                 rows.append((f"q·R⁻¹ ({N}×{m}×{s} by {s}×{s})", rates["gemm"], rates["trmm"]))
                 print(f"{rows[-1][0]:<36} gemm {rates['gemm']:6.1f}  trmm {rates['trmm']:6.1f} GFLOP/s", flush=True)
     finally:
